@@ -1,0 +1,343 @@
+"""GPT-NeoX exactly as Pythia defines it, plus loading and saving Hugging Face-layout checkpoints.
+
+The paper's policies and references are Pythia models (Sec. 4, App. B). Module and
+parameter names mirror transformers' `GPTNeoXForCausalLM`, so a checkpoint is a plain
+state-dict copy in both directions: `gpt_neox.embed_in`, `gpt_neox.layers.N.{input_layernorm,
+post_attention_layernorm, attention.query_key_value, attention.dense, mlp.dense_h_to_4h,
+mlp.dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import download
+
+
+@dataclass
+class Config:
+    """Field names as transformers' GPTNeoXConfig (original Pythia form for the rotary ones)."""
+    vocab_size: int = 50304
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    rotary_pct: float = 0.25  # rotary embedding on the first rotary_pct * head_size dims of q and k
+    rotary_emb_base: float = 10000.0
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True  # x + attn(ln1(x)) + mlp(ln2(x)); False: sequential
+    initializer_range: float = 0.02
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a config.json dict: original Pythia keys or the `rope_parameters` form of transformers 5."""
+        d = dict(d)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"unsupported rope_type {rope.get('rope_type', rope.get('type'))!r}: Pythia uses 'default'")
+        d.setdefault("rotary_pct", rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25)))
+        d.setdefault("rotary_emb_base", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        if d.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: Pythia uses exact-erf 'gelu'")
+        if d.get("tie_word_embeddings") or d.get("attention_bias") is False:
+            raise ValueError("tied embeddings or bias-free attention is not the Pythia architecture")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def to_dict(self):
+        """A config.json that transformers 5 (rope_parameters) and older readers (rotary_pct) both load."""
+        rope = {"rope_type": "default", "rope_theta": self.rotary_emb_base, "partial_rotary_factor": self.rotary_pct}
+        return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", **asdict(self),
+                "rope_parameters": rope, "hidden_act": "gelu", "tie_word_embeddings": False,
+                "attention_bias": True, "use_cache": True}
+
+
+# The Pythia suite (Biderman et al., 2023): name -> shape, values from the hub's config.json files.
+# Every model: rotary_pct 0.25, rotary_emb_base 10000, 2048 positions, eps 1e-5, parallel residual.
+# The vocab is padded past the tokenizer's 50277 tokens; the larger models were padded further.
+PYTHIA = {name: Config(vocab_size=v, hidden_size=d, num_hidden_layers=n, num_attention_heads=h, intermediate_size=4 * d)
+          for name, (v, d, n, h) in {
+              "pythia-14m": (50304, 128, 6, 4),
+              "pythia-31m": (50304, 256, 6, 8),
+              "pythia-70m": (50304, 512, 6, 8),
+              "pythia-160m": (50304, 768, 12, 12),
+              "pythia-410m": (50304, 1024, 24, 16),
+              "pythia-1b": (50304, 2048, 16, 8),
+              "pythia-1.4b": (50304, 2048, 24, 16),
+              "pythia-2.8b": (50304, 2560, 32, 32),
+              "pythia-6.9b": (50432, 4096, 32, 32),
+              "pythia-12b": (50688, 5120, 36, 40),
+          }.items()}
+
+
+class KVCache:
+    """Keys and values of past tokens for incremental decoding.
+
+    k, v: [n_layer, B, n_head, max_len, head_size], preallocated so a decode step writes in
+    place instead of concatenating; `length` positions are filled. The forward pass writes
+    each layer's new keys/values at [length, length + T) and advances `length` once at the end.
+    """
+    def __init__(self, config, batch_size, max_len, dtype=torch.float32, device="cpu"):
+        hs = config.hidden_size // config.num_attention_heads
+        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_len, hs)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotary embedding on the first cos.shape[-1] dims of each head, the rest passes through."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head, self.head_size = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        self.query_key_value = nn.Linear(c.hidden_size, 3 * c.hidden_size)
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, D = x.shape
+        # GPT-NeoX fuses QKV per head: the output holds [q_h, k_h, v_h] for head 0, then head 1, ...
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            t0 = cache.length
+            cache.k[layer, :, :, t0:t0 + T] = k
+            cache.v[layer, :, :, t0:t0 + T] = v
+            k, v = cache.k[layer, :, :, :t0 + T], cache.v[layer, :, :, :t0 + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.dense(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact erf GELU, as Pythia
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.parallel = c.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.attention = Attention(c)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        if self.parallel:
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTNeoXModel(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_in = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
+def attention_mask_4d(attention_mask, past, T):
+    """Boolean [B|1, 1, T, past+T] mask (True = attend), or None for plain causal attention.
+
+    Padded keys are masked; a query may always see itself, so a padding query whose keys
+    are all padding (left padding) still has one key and its softmax never gives NaN.
+    """
+    if attention_mask is None and past == 0:
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    q = torch.arange(past, past + T, device=device)[:, None]
+    k = torch.arange(past + T, device=device)[None, :]
+    mask = k <= q
+    if attention_mask is not None:
+        mask = mask & (attention_mask.bool()[:, None, None, :] | (k == q))
+    return mask
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = GPTNeoXModel(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_in
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        """As transformers initialises GPT-NeoX: normal(0, initializer_range), zero biases."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, attention_mask=None, kv_cache=None, return_hidden=False):
+        """idx [B, T] -> float32 logits [B, T, V], or final-norm hidden states [B, T, D].
+
+        attention_mask [B, past+T] (1 = token, 0 = padding) covers the cached tokens too.
+        Position ids count tokens only (cumsum - 1), so a left-padded row equals that row alone.
+        """
+        c, (B, T) = self.config, idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if attention_mask is not None and past == 0 and T > 1 and bool(attention_mask.all()):
+            attention_mask = None  # nothing to mask: take the fast causal kernel
+        if attention_mask is None:
+            pos = torch.arange(past, past + T, device=idx.device)[None, :]
+        else:
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        mask = attention_mask_4d(attention_mask, past, T)
+        # Rotary angles in float32 (as transformers), computed here so that casting the model cannot round them.
+        hs = c.hidden_size // c.num_attention_heads
+        r = int(hs * c.rotary_pct)
+        inv_freq = 1.0 / (c.rotary_emb_base ** (torch.arange(0, r, 2, device=idx.device, dtype=torch.float32) / r))
+        angles = pos[..., None].float() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B|1, 1, T, r]
+        x = self.gpt_neox.embed_in(idx)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, block in enumerate(self.gpt_neox.layers):
+            x = block(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.gpt_neox.final_layer_norm(x)
+        return x if return_hidden else self.embed_out(x).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
+                 eos_id=None, generator=None, use_cache=True):
+        """Sample continuations of left-padded prompts; returns the new tokens only, [B, n_new].
+
+        After a row emits eos_id its remaining positions are eos_id; decoding stops once every
+        row is done. temperature 0 is greedy. Sampling draws torch.multinomial from `generator`,
+        once per step, so the same seed gives the same tokens with or without the KV cache.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = KVCache(self.config, B, T + max_new_tokens, self.embed_out.weight.dtype, input_ids.device) if use_cache else None
+        ids, mask = input_ids, attention_mask
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        new = []
+        step_in = ids
+        for step in range(max_new_tokens):
+            h = self(step_in if use_cache else ids, mask, kv_cache=cache, return_hidden=True)[:, -1]
+            nxt = sample_token(self.embed_out(h).float(), temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            new.append(nxt)
+            if eos_id is not None and bool(done.all()):
+                break
+            step_in = nxt[:, None]
+            ids = torch.cat((ids, step_in), dim=1) if not use_cache else ids
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        return torch.stack(new, dim=1) if new else input_ids.new_zeros(B, 0)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, revision="main", dtype=torch.float32, device="cpu"):
+        """A local checkpoint directory, or a Pythia name (`pythia-70m` -> hub repo EleutherAI/pythia-70m)."""
+        fetch = _local_files(Path(name_or_dir)) if Path(name_or_dir).is_dir() else _hub_files(name_or_dir, revision)
+        config = Config.from_dict(json.loads(fetch("config.json").read_text()))
+        try:
+            paths = [fetch("model.safetensors")]
+        except download.NotFound:  # large checkpoints come as shards listed in an index
+            index = json.loads(fetch("model.safetensors.index.json").read_text())
+            paths = [fetch(f) for f in sorted(set(index["weight_map"].values()))]
+        with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+            model = cls(config)
+        state = {}
+        for p in paths:  # convert file by file (fp16 on the hub -> dtype) to bound peak memory
+            state.update((k, v.to(device=device, dtype=dtype)) for k, v in load_file(p).items()
+                         if not k.endswith(IGNORED_KEYS))
+        _check_state(model, state, name_or_dir)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, out_dir):
+        """config.json + model.safetensors in transformers' GPT-NeoX layout, each written atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dtype = str(self.embed_out.weight.dtype).removeprefix("torch.")
+        cfg = dict(self.config.to_dict(), dtype=dtype, torch_dtype=dtype)
+        tmp = out_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, out_dir / "config.json")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, out_dir / "model.safetensors.tmp", metadata={"format": "pt"})
+        os.replace(out_dir / "model.safetensors.tmp", out_dir / "model.safetensors")
+
+
+# Buffers that older GPT-NeoX checkpoints carry (causal-mask constants, rotary frequencies); recomputed here.
+IGNORED_KEYS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _check_state(model, state, where):
+    """Strict loading: name every missing, unexpected or wrongly shaped tensor in one line."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"missing {k}" for k in want if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in want]
+    problems += [f"{k} has shape {tuple(v.shape)}, expected {want[k]}" for k, v in state.items()
+                 if k in want and tuple(v.shape) != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise ValueError(f"{where}: checkpoint does not match the config: {'; '.join(problems[:20])}{more}")
+
+
+def _local_files(d):
+    def fetch(name):
+        p = d / name
+        if not p.exists():
+            if name == "model.safetensors":
+                raise download.NotFound(f"{p} does not exist")
+            raise FileNotFoundError(f"{p} does not exist (expected config.json and model.safetensors "
+                                    f"or model.safetensors.index.json with its shards)")
+        return p
+    return fetch
+
+
+def _hub_files(name, revision):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name}: no such model directory")
+    repo = name if "/" in name else f"EleutherAI/{name}"
+    return lambda filename: download.hub_file(repo, filename, revision)
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row from float logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix holding top_p of the mass
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
