@@ -60,9 +60,12 @@ class Config:
                 "attention_bias": True, "use_cache": True}
 
 
-# The Pythia suite (Biderman et al., 2023): name -> shape, values from the hub's config.json files.
+# The Pythia suite (Biderman et al., 2023): name -> (padded vocab, width, layers, heads); MLP width is 4x.
 # Every model: rotary_pct 0.25, rotary_emb_base 10000, 2048 positions, eps 1e-5, parallel residual.
-# The vocab is padded past the tokenizer's 50277 tokens; the larger models were padded further.
+# Confirmed: shapes against EleutherAI/pythia's training configs (models/*/pythia-*.yml) and the model
+# cards' parameter counts (tests/test_model.py), which also pin the padded vocab of 70m ... 12b
+# (6.9b: 50432, 12b: 50688). Not confirmed: the 50304 vocab of 14m and 31m (their cards give only
+# non-embedding counts).
 PYTHIA = {name: Config(vocab_size=v, hidden_size=d, num_hidden_layers=n, num_attention_heads=h, intermediate_size=4 * d)
           for name, (v, d, n, h) in {
               "pythia-14m": (50304, 128, 6, 4),

@@ -151,8 +151,10 @@ def test_config_forms():
         Config.from_dict({"hidden_act": "relu"})
 
 
-# Published Pythia parameter counts (total, non-embedding), from the suite's model cards.
+# Published Pythia parameter counts (total, non-embedding), from the suite's model cards;
+# 14m and 31m are published as non-embedding counts only.
 PUBLISHED = {
+    "pythia-14m": (None, 1_189_888), "pythia-31m": (None, 4_739_072),
     "pythia-70m": (70_426_624, 18_915_328), "pythia-160m": (162_322_944, 85_056_000),
     "pythia-410m": (405_334_016, 302_311_424), "pythia-1b": (1_011_781_632, 805_736_448),
     "pythia-1.4b": (1_414_647_808, 1_208_602_624), "pythia-2.8b": (2_775_208_960, 2_517_652_480),
@@ -166,7 +168,9 @@ def test_pythia_configs_match_published_sizes(name):
         m = GPTNeoX(PYTHIA[name])
     total = sum(p.numel() for p in m.parameters())
     embed = m.gpt_neox.embed_in.weight.numel() + m.embed_out.weight.numel()
-    assert (total, total - embed) == PUBLISHED[name]
+    want_total, want_non_embedding = PUBLISHED[name]
+    assert total - embed == want_non_embedding and total == (want_total or total)
+    assert set(PYTHIA) == {*PUBLISHED}
 
 
 def test_random_init_like_transformers():
