@@ -1,7 +1,8 @@
 """Pythia's tokenizer (the GPT-NeoX-20B byte-level BPE) on tiktoken, token-for-token equal to HF `tokenizers`.
 
 HF `Tokenizer.encode(text)` works in four steps, and so does `Tokenizer.encode` here:
-1. added tokens that are matched on the raw text (`"normalized": false`: `<|endoftext|>`, `<|padding|>`)
+1. added tokens that are matched on the raw text (`"normalized": false`: `<|endoftext|>` and, at id 1,
+   `<|padding|>` in Pythia's files, `<|unk|>` in GPT-NeoX-20B's)
    are cut out first, leftmost-longest, so text that merely contains `<|endoftext|>` gets id 0;
 2. the pieces between them are NFC-normalized;
 3. added tokens matched on normalized text (the runs of 2-24 spaces, ids 50254-50276) are cut out of
@@ -61,8 +62,8 @@ class Tokenizer:
             if i % 2:
                 ids.append(self.added[raw])
                 continue
-            text = unicodedata.normalize("NFC", raw) if self.nfc else raw  # step 2
-            for j, piece in enumerate(self.normalized_split(text)):  # step 3
+            normalized = unicodedata.normalize("NFC", raw) if self.nfc else raw  # step 2
+            for j, piece in enumerate(self.normalized_split(normalized)):  # step 3
                 if j % 2:
                     ids.append(self.added[piece])
                 elif piece:
