@@ -49,7 +49,7 @@ parser.add_argument("--batches", metavar="LIST", type=comma_list(BATCHES), defau
                          "batch3..batch20 and batch22)")
 parser.add_argument("--eval-splits", metavar="LIST", type=comma_list(EVAL_SPLITS), default=["valid2"],
                     help="held-out comparison splits for pref_eval.jsonl, comma-separated (default: valid2, the split "
-                         "OpenAI report reward-model accuracy on; valid1 stays unused, free for tuning)")
+                         "OpenAI report results on; valid1 stays unused, free for tuning)")
 parser.add_argument("--max-prompt-tokens", metavar="N", type=int, default=512,
                     help="cut posts so each prompt is at most this many tokens (default: %(default)s)")
 parser.add_argument("--tokenizer", metavar="NAME_OR_PATH", default="pythia-160m",
@@ -59,7 +59,7 @@ parser.add_argument("--tokenizer", metavar="NAME_OR_PATH", default="pythia-160m"
 
 def prompter(tok, max_tokens):
     """prompt(subreddit, title, post) -> (prompt, truncated), or None when not even one word of the post fits."""
-    @functools.lru_cache(maxsize=None)  # the comparisons repeat each post many times
+    @functools.lru_cache(maxsize=1 << 16)  # the comparisons repeat each post many times
     def prompt(subreddit, title, post):
         def fits(p):
             return len(tok.encode(FORMAT.format(subreddit=subreddit, title=title, post=p))) <= max_tokens
@@ -110,10 +110,11 @@ def pref_rows(paths, eval_splits, prompt, stats):
             out = "pref_train" if split == "train" else "pref_eval"
             c = stats[out]
             c["read"] += 1
-            p = prompt(subreddit, title, post)
             if out == "pref_eval" and split not in eval_splits:
                 c[f"split {split} not in --eval-splits"] += 1
-            elif p is None:
+                continue
+            p = prompt(subreddit, title, post)
+            if p is None:
                 c["prompt too long"] += 1
             else:
                 c["kept"] += 1
