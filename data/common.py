@@ -73,9 +73,11 @@ def read_jsonl(path, every=10.0):
                 if time.time() - last > every:
                     last, done = time.time(), raw.tell() / max(size, 1)
                     eta = (last - start) * (1 - done) / max(done, 1e-9)
-                    print(f"{path.name}: {n:,} lines, {done:.0%}, {n / (last - start):,.0f} lines/s, ETA {eta:.0f}s", flush=True)
+                    rate = n / (last - start)
+                    print(f"{path.name}: {n:,} lines, {done:.0%}, {rate:,.0f} lines/s, ETA {eta:.0f}s", flush=True)
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz
-        raise DataError(f"{path}: cannot read it ({type(e).__name__}: {e}); if it is a partial download, delete it and run again") from None
+        raise DataError(f"{path}: cannot read it ({type(e).__name__}: {e}); "
+                        "if it is a partial download, delete it and run again") from None
     secs = time.time() - start
     print(f"{path.name}: {n:,} lines in {secs:.1f}s", flush=True)
 

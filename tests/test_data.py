@@ -4,6 +4,7 @@ import gzip
 import http.server
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_tldr_outputs(tldr_raw, tmp_path, capsys):
     assert [e["id"] for e in evals] == [p["id"] for p in sft["test"]]
     assert [e["reference"] for e in evals] == [" " + p["summary"].strip() for p in sft["test"]]
     assert all(e["prompt"].endswith("\n\nTL;DR:") for e in evals)
-    assert re.search(rf"pref_eval\s+{len(valid2) + n_valid1}\s+{len(valid2)}\s.*split valid1 not in --eval-splits: {n_valid1}", table)
+    row = rf"pref_eval\s+{len(valid2) + n_valid1}\s+{len(valid2)}\s.*split valid1 not in --eval-splits: {n_valid1}"
+    assert re.search(row, table)
 
     run_tldr(raw, out, "--eval-splits", "valid1,valid2")  # replaces the previous output, leaves nothing beside it
     assert len(read(out / "pref_eval.jsonl")) == len(valid2) + n_valid1
@@ -182,7 +184,8 @@ def test_hh_prompt_split_on_real_lines():
     # they differ right after the space of "Assistant: "; the prompt still ends at the colon
     assert hh.split_dialogue("\n\nHuman: q\n\nAssistant: yes", "\n\nHuman: q\n\nAssistant: no") == (
         "\n\nHuman: q\n\nAssistant:", " yes", " no")
-    assert hh.drop_reason(*hh.split_dialogue("\n\nHuman: q\n\nAssistant: a", "\n\nHuman: q\n\nAssistant: a")) == "identical replies"
+    same = "\n\nHuman: q\n\nAssistant: a"
+    assert hh.drop_reason(*hh.split_dialogue(same, same)) == "identical replies"
 
 
 def gzip_lines(path, lines):
@@ -209,7 +212,8 @@ def test_hh_outputs(tmp_path, capsys):
         for i, (n, line) in enumerate(kept):
             sft, pref = rows[outputs[0]][i], rows[outputs[1]][i]
             assert sft["prompt"] + sft["response"] == line["chosen"]
-            assert pref["prompt"] + pref["chosen"] == line["chosen"] and pref["prompt"] + pref["rejected"] == line["rejected"]
+            assert pref["prompt"] + pref["chosen"] == line["chosen"]
+            assert pref["prompt"] + pref["rejected"] == line["rejected"]
             if split == "test":
                 assert rows["eval_prompts"][i] == {"id": f"harmless-base/test/{n}", "prompt": pref["prompt"],
                                                    "reference": pref["chosen"]}
@@ -275,7 +279,6 @@ def test_download_resumes_after_a_dropped_connection(tldr_raw, tmp_path, monkeyp
 
 
 def run_script(name, *args, **env):
-    import os
     return subprocess.run([sys.executable, str(ROOT / "data" / name / "prepare.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env=dict(os.environ, **env), timeout=60)
 

@@ -21,7 +21,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from data.common import DataError, DownloadError, atomic_dir, comma_list, fetch, field, print_table, read_jsonl, write_jsonl  # noqa: E402
+from data.common import (DataError, DownloadError, atomic_dir, comma_list, fetch, field, print_table,  # noqa: E402
+                         read_jsonl, write_jsonl)
 from download import cache_dir  # noqa: E402
 
 BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"

@@ -25,7 +25,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from data.common import DataError, DownloadError, atomic_dir, comma_list, fetch, field, print_table, read_jsonl, write_jsonl  # noqa: E402
+from data.common import (DataError, DownloadError, atomic_dir, comma_list, fetch, field, print_table,  # noqa: E402
+                         read_jsonl, write_jsonl)
 from download import cache_dir  # noqa: E402
 from tokenizer import TokenizerError, load_tokenizer  # noqa: E402
 
@@ -80,7 +81,8 @@ def sft_rows(path, out, prompt, stats):
     """Rows of a tldr_3_filtered file: {prompt, response}, or {id, prompt, reference} for eval_prompts."""
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
-        id_, subreddit, title, post, summary = (field(row, k, where) for k in ("id", "subreddit", "title", "post", "summary"))
+        id_, subreddit, title, post, summary = (field(row, k, where)
+                                                for k in ("id", "subreddit", "title", "post", "summary"))
         c = stats[out]
         c["read"] += 1
         p = prompt(subreddit, title, post)
@@ -92,7 +94,10 @@ def sft_rows(path, out, prompt, stats):
             c["kept"] += 1
             c["truncated"] += p[1]
             response = " " + summary.strip()
-            yield {"id": id_, "prompt": p[0], "reference": response} if out == "eval_prompts" else {"prompt": p[0], "response": response}
+            if out == "eval_prompts":
+                yield {"id": id_, "prompt": p[0], "reference": response}
+            else:
+                yield {"prompt": p[0], "response": response}
 
 
 def pref_rows(paths, eval_splits, prompt, stats):
