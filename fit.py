@@ -1,0 +1,590 @@
+"""Scaling-law fits, regressions and the paper's figures (Rafailov et al., 2024, §3).
+
+    python fit.py out/dpo-b0.1 out/ipo-b0.1 ... --out figures/   # run directories
+    python fit.py results.csv --out figures/                     # or a results file
+
+Writes fig1..fig5 PNGs, fits.json and results.csv (the rows it read, in the
+results-file format) to --out, and prints the RMSE table of the three fits.
+
+A results file (CSV or JSONL) has one row per (model, loss, beta, fraction of
+the epoch): `model, loss, beta, fraction, win_rate, kl` are required;
+`win_rate_se, forward_kl, eval_accuracy, eval_loss, length, length_gamma,
+length_r2` are optional (an empty cell or null is missing). A row whose loss is
+"sft" or whose fraction is 0 is the SFT policy of its model: d = 0, where every
+loss's curve starts.
+
+The law, Eq. 5 (Gao et al. 2022): R(d) = d(α − β log d), d = √KL(π‖π_ref).
+Gao et al.'s R is the gold-reward gain over the initial policy, so R(0) = 0,
+while the paper plots the win rate itself. We therefore fit the win rate as
+y0 + R(d), where y0 is the SFT win rate: the measured one when the inputs hold
+an SFT row for that model (then only α and β are fitted), a fitted intercept
+otherwise. The paper's baselines pass through the same y0:
+    quadratic in KL:  y0 + a·KL + b·KL²        quadratic in d:  y0 + a·d + b·d²
+All three are linear in their coefficients and solved by least squares,
+unweighted, one fit per (loss, model size).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+REQUIRED = ("model", "loss", "beta", "fraction", "win_rate", "kl")
+OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length", "length_gamma", "length_r2")
+TEXT = ("model", "loss")
+NAN = float("nan")
+
+# -----------------------------------------------------------------------------
+# fits
+
+
+def _xlogx(d):
+    return np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)  # d log d → 0 as d → 0
+
+
+# The two shape functions of each model; both vanish at d = 0, so y(0) = y0.
+SHAPES = {
+    "r_d": lambda d: (d, -_xlogx(d)),  # Eq. 5: α·d − β·d·log d
+    "quadratic_kl": lambda d: (d ** 2, d ** 4),  # a·KL + b·KL²
+    "quadratic_d": lambda d: (d, d ** 2),  # a·d + b·d²
+}
+
+
+def fit_curve(d, y, shape="r_d", y0=None):
+    """Least squares y = y0 + a·f(d) + b·g(d) for the model `shape`; returns (y0, a, b).
+
+    `y0` fixes the value at d = 0 (the measured SFT win rate); None fits it too.
+    """
+    d, y = np.asarray(d, dtype=float), np.asarray(y, dtype=float)
+    if d.ndim != 1 or d.shape != y.shape:
+        raise ValueError(f"d and y must be 1-D and of the same length, got shapes {d.shape} and {y.shape}")
+    if len(d) < 3:
+        raise ValueError(f"need at least 3 points to fit, got {len(d)}")
+    if not (np.isfinite(d).all() and np.isfinite(y).all()):
+        raise ValueError("d and y must be finite: drop the rows with NaN first")
+    if (d < 0).any():
+        raise ValueError(f"d = √KL must be ≥ 0, got {d.min():g}")
+    columns = list(SHAPES[shape](d))
+    if y0 is None:
+        columns.insert(0, np.ones_like(d))
+    A = np.stack(columns, axis=1)
+    coef, _, rank, _ = np.linalg.lstsq(A, y - (0.0 if y0 is None else y0), rcond=None)
+    if rank < A.shape[1]:
+        raise ValueError(f"the {shape} fit is not identifiable: the points need more distinct values of d > 0")
+    return tuple(float(c) for c in coef) if y0 is None else (float(y0), float(coef[0]), float(coef[1]))
+
+
+def fit_scaling_law(d, y, y0=0.0):
+    """Eq. 5: α, β of y − y0 = R(d) = d(α − β log d) by linear least squares.
+
+    y0 = 0 is Gao et al.'s convention (y is already the gain over the initial
+    policy); pass the SFT win rate to fit win rates. The peak is at
+    d* = exp(α/β − 1), where R(d*) = β·d*.
+    """
+    _, alpha, beta = fit_curve(d, y, "r_d", y0)
+    return alpha, beta
+
+
+def predict(shape, coef, d):
+    d = np.asarray(d, dtype=float)
+    f, g = SHAPES[shape](d)
+    return coef[0] + coef[1] * f + coef[2] * g
+
+
+def rmse(y, pred):
+    return float(np.sqrt(np.mean((np.asarray(y) - np.asarray(pred)) ** 2)))
+
+
+def length_regression(lengths, logratios):
+    """Eq. 6: least squares log π(y|x)/π_ref(y|x) = γ·|y| + c over one checkpoint's samples.
+
+    Returns (γ, R²): how much of the implicit reward's variance length alone
+    explains. Degenerate but legal inputs give NaN rather than an error: all
+    lengths equal (every sample hit the length cap) gives (NaN, NaN); constant
+    log-ratios (the SFT policy itself, where they are all 0) give (0, NaN).
+    """
+    x, z = np.asarray(lengths, dtype=float), np.asarray(logratios, dtype=float)
+    if x.ndim != 1 or x.shape != z.shape:
+        raise ValueError(f"lengths and log-ratios must be 1-D and of the same length, got {x.shape} and {z.shape}")
+    if len(x) < 3:
+        raise ValueError(f"need at least 3 samples for the length regression, got {len(x)}")
+    if not (np.isfinite(x).all() and np.isfinite(z).all()):
+        raise ValueError("lengths and log-ratios must be finite")
+    xc, zc = x - x.mean(), z - z.mean()
+    sxx, szz = float(xc @ xc), float(zc @ zc)
+    if sxx == 0:
+        return NAN, NAN
+    gamma = float(xc @ zc) / sxx
+    if szz == 0:
+        return gamma, NAN
+    return gamma, 1.0 - float(((zc - gamma * xc) ** 2).sum()) / szz
+
+
+def pearson(x, y):
+    """Pearson r over the finite pairs; NaN with fewer than 3 of them or no variance."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3:
+        return NAN
+    x, y = x[keep] - x[keep].mean(), y[keep] - y[keep].mean()
+    if not (x @ x > 0 and y @ y > 0):
+        return NAN
+    return float(x @ y / math.sqrt((x @ x) * (y @ y)))
+
+
+# -----------------------------------------------------------------------------
+# inputs
+
+
+def _number(value, where, key):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null")):
+        return NAN
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key}={value!r} is not a number") from None
+
+
+def to_row(raw, where):
+    """A results row from a dict of raw values: text columns as str, the rest float (NaN when missing).
+
+    `where` names the source (file:line) in error messages.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object with keys {', '.join(REQUIRED)}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
+    row = {k: str(raw[k]) if k in TEXT else _number(raw.get(k), where, k) for k in REQUIRED + OPTIONAL}
+    if not math.isfinite(row["fraction"]):
+        raise ValueError(f"{where}: fraction is empty; it is the fraction of the epoch (0 for SFT)")
+    if not (is_sft(row) or math.isfinite(row["beta"])):
+        raise ValueError(f"{where}: beta is empty; only SFT rows (loss sft or fraction 0) may leave it out")
+    return row
+
+
+def read_results(path):
+    """Rows of a results file: .csv with a header, or .jsonl with one object per line."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return [to_row(raw, f"{path}:{i}") for i, raw in enumerate(csv.DictReader(f), start=2)]
+    return [to_row(raw, f"{path}:{i}") for i, raw in _jsonl(path)]
+
+
+def _jsonl(path):
+    """(line number, object) for each non-blank line."""
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    out.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+    return out
+
+
+def _json(path):
+    """The object in a JSON file, or {} when there is no such file."""
+    if not Path(path).exists():
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg})") from None
+
+
+def read_run(run):
+    """Rows, one per sampled checkpoint, of a run directory written by daa.py, sample.py and judge.py.
+
+    The one place that knows the run-directory layout (DESIGN.md, "Files on
+    disk"): if file or key names change, adapt them here.
+    """
+    run = Path(run)
+    args = _json(run / "args.json")
+    loss = str(args.get("loss", "sft"))
+    model = str(args.get("model") or args.get("init") or run.name)
+    evals = {}  # held-out eval rows of metrics.jsonl by examples seen
+    if (run / "metrics.jsonl").exists():
+        evals = {m.get("examples"): m for _, m in _jsonl(run / "metrics.jsonl") if "eval/loss" in m}
+    rows = []
+    for path in sorted(run.glob("samples-*.jsonl")):
+        tag = path.name[len("samples-"):-len(".jsonl")]  # "ckpt-1024", or "sft"
+        examples = int(m.group()) if (m := re.search(r"\d+$", tag)) else 0
+        ev = evals.get(examples, {})
+        state = _json(run / f"ckpt-{examples}" / "trainer_state.json")
+        fraction = 0.0 if loss == "sft" or examples == 0 else state.get("fraction", ev.get("fraction"))
+        if fraction is None:
+            raise ValueError(f"{run}: no fraction of the epoch for {tag} (in ckpt-{examples}/trainer_state.json "
+                             "or the metrics.jsonl eval row)")
+        judgments = run / f"judgments-{tag}.jsonl"
+        try:
+            samples = [s for _, s in _jsonl(path)]
+            logratios = [s["policy_logp"] - s["ref_logp"] for s in samples]
+            lengths = [s["length"] for s in samples]
+            wins = np.array([j["win"] for _, j in _jsonl(judgments)] if judgments.exists() else [], dtype=float)
+        except KeyError as e:
+            raise ValueError(f"{run}/{tag}: a sample or judgment has no key {e}") from None
+        gamma, r2 = length_regression(lengths, logratios) if len(samples) >= 3 else (NAN, NAN)
+        rows.append(to_row({
+            "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction,
+            "win_rate": wins.mean() if len(wins) else None,
+            "win_rate_se": wins.std(ddof=1) / math.sqrt(len(wins)) if len(wins) > 1 else None,
+            "kl": _json(run / f"samples-{tag}.summary.json").get("kl", np.mean(logratios) if samples else None),
+            "forward_kl": -ev["eval/logratio_chosen"] if "eval/logratio_chosen" in ev else None,  # Eq. 7
+            "eval_accuracy": ev.get("eval/accuracy"), "eval_loss": ev.get("eval/loss"),
+            "length": np.mean(lengths) if samples else None, "length_gamma": gamma, "length_r2": r2,
+        }, f"{run}/{path.name}"))
+    return sorted(rows, key=lambda r: r["fraction"])
+
+
+def load(inputs):
+    rows = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir() and (p / "args.json").exists():
+            rows += read_run(p)
+        elif p.is_file() and p.suffix in (".csv", ".jsonl"):
+            rows += read_results(p)
+        else:
+            raise ValueError(f"{name}: neither a run directory (with args.json) nor a .csv/.jsonl results file")
+    if not rows:
+        raise ValueError(f"no rows in {' '.join(inputs)}: run sample.py and judge.py on the checkpoints first")
+    return rows
+
+
+def write_results(path, rows):
+    """The results file (CSV) of `rows`, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] if k in TEXT else ("" if math.isnan(r[k]) else f"{r[k]:.6g}") for k in w.fieldnames})
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# analysis
+
+
+def is_sft(row):
+    return row["loss"] == "sft" or row["fraction"] == 0
+
+
+def sqrt_kl(kl):
+    # A Monte-Carlo KL estimate can come out slightly negative near the SFT policy: read it as 0.
+    return np.sqrt(np.maximum(np.asarray(kl, dtype=float), 0.0))
+
+
+def model_key(name):
+    """Sort model names by size when they carry one (pythia-410m < pythia-1b < pythia-2.8b)."""
+    m = re.search(r"(\d+(?:\.\d+)?)([mb])\b", name.lower())
+    return (float(m.group(1)) * (1e6 if m.group(2) == "m" else 1e9) if m else math.inf, name)
+
+
+def final_rows(rows):
+    """The last checkpoint of each (model, loss, beta) run."""
+    last = {}
+    for r in rows:
+        key = (r["model"], r["loss"], r["beta"])
+        last[key] = max(last.get(key, -math.inf), r["fraction"])
+    return [r for r in rows if r["fraction"] == last[(r["model"], r["loss"], r["beta"])]]
+
+
+def sft_win_rates(rows):
+    """y0 per model: the mean win rate of its SFT rows."""
+    by_model = {}
+    for r in rows:
+        if is_sft(r) and math.isfinite(r["win_rate"]):
+            by_model.setdefault(r["model"], []).append(r["win_rate"])
+    return {m: float(np.mean(v)) for m, v in by_model.items()}
+
+
+def fit_all(rows, y0s, notes, x="kl"):
+    """Per loss and model size: R(d) and both quadratic fits of win rate on d = √x, with their RMSEs."""
+    fits = {}
+    for loss, model in sorted({(r["loss"], r["model"]) for r in rows}):
+        pts = [r for r in rows if r["loss"] == loss and r["model"] == model]
+        d, y = sqrt_kl([r[x] for r in pts]), np.array([r["win_rate"] for r in pts])
+        try:
+            y0, alpha, beta = fit_curve(d, y, "r_d", y0s.get(model))
+            entry = {"n": len(pts), "y0": y0, "y0_measured": model in y0s, "alpha": alpha, "beta": beta,
+                     "rmse": rmse(y, predict("r_d", (y0, alpha, beta), d))}
+            for shape in ("quadratic_kl", "quadratic_d"):
+                coef = fit_curve(d, y, shape, y0s.get(model))
+                entry[shape] = list(coef)
+                entry[f"rmse_{shape}"] = rmse(y, predict(shape, coef, d))
+        except ValueError as e:
+            notes.append(f"no fit for {loss} {model} (win rate on √{x}): {e}")
+            continue
+        fits.setdefault(loss, {})[model] = entry
+    return fits
+
+
+def pooled_rmse(fits):
+    """RMSE per loss over all its points, pooling the fits of every model size."""
+    table = {}
+    for loss, by_model in fits.items():
+        n = sum(f["n"] for f in by_model.values())
+        table[loss] = {"n": n} | {
+            key: math.sqrt(sum(f["n"] * f[f"rmse{sfx}"] ** 2 for f in by_model.values()) / n)
+            for key, sfx in (("r_d", ""), ("quadratic_kl", "_quadratic_kl"), ("quadratic_d", "_quadratic_d"))}
+    return table
+
+
+def correlations(rows, key):
+    """Fig. 4: Pearson r of `key` with the win rate, over all checkpoints of a loss and within each size."""
+    out = {}
+    for loss in sorted({r["loss"] for r in rows}):
+        pts = [r for r in rows if r["loss"] == loss]
+        out[loss] = {"overall": pearson([r[key] for r in pts], [r["win_rate"] for r in pts]), "by_model": {
+            m: pearson([r[key] for r in pts if r["model"] == m], [r["win_rate"] for r in pts if r["model"] == m])
+            for m in sorted({r["model"] for r in pts}, key=model_key)}}
+    return out
+
+
+def rmse_table(rmse_by_subset):
+    lines = ["RMSE of win-rate fits on d = √KL (paper: R(d) about halves quadratic in KL; quadratic in d is close)",
+             f"{'checkpoints':<12}{'loss':<8}{'points':>7}{'R(d)':>9}{'quad KL':>9}{'quad d':>9}{'quadKL/R(d)':>13}"]
+    for subset, table in rmse_by_subset.items():
+        for loss, t in sorted(table.items()):
+            ratio = t["quadratic_kl"] / t["r_d"] if t["r_d"] > 0 else math.inf
+            lines.append(f"{subset:<12}{loss:<8}{t['n']:>7}{t['r_d']:>9.4f}{t['quadratic_kl']:>9.4f}"
+                         f"{t['quadratic_d']:>9.4f}{ratio:>13.2f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# figures: one panel per loss, one colour per model size, error bars from the standard errors
+
+
+def _title(loss):
+    return {"dpo": "DPO", "ipo": "IPO", "slic": "SLiC"}.get(loss, loss)
+
+
+def _grid(nrows, losses, dpi):
+    fig, axes = plt.subplots(nrows, len(losses), figsize=(3.6 * len(losses), 2.9 * nrows), squeeze=False, dpi=dpi,
+                             layout="constrained")
+    for ax, loss in zip(axes[0], losses):
+        ax.set_title(_title(loss))
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _save(fig, path):
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _legend(ax, **kw):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
+def _errorbar(ax, x, rows, color, label=None, **kw):
+    y = np.array([r["win_rate"] for r in rows])
+    se = np.array([r["win_rate_se"] for r in rows])
+    ax.errorbar(x, y, yerr=np.nan_to_num(se) if np.isfinite(se).any() else None, fmt="o", ms=4, capsize=2,
+                color=color, label=label, **kw)
+
+
+def _law_panel(ax, rows, fits, y0s, x, colors):
+    """Win rate vs √x with the dotted R(d) fit of each model size and the SFT point (star) at d = 0."""
+    for model, color in colors.items():
+        pts = [r for r in rows if r["model"] == model]
+        if not pts:
+            continue
+        d = sqrt_kl([r[x] for r in pts])
+        _errorbar(ax, d, pts, color, label=model)
+        if model in y0s:
+            ax.plot([0], [y0s[model]], "*", color=color, ms=11, mec="k", mew=0.5)
+        if model in fits:
+            f = fits[model]
+            dd = np.linspace(0, d.max() * 1.05, 200)
+            ax.plot(dd, predict("r_d", (f["y0"], f["alpha"], f["beta"]), dd), ":", color=color, lw=1.5)
+
+
+def fig1(data, final, fits, y0s, colors, losses, path, dpi):
+    """Fig. 1: win rate vs √KL, final checkpoints (top) and all checkpoints (bottom), R(d) fits dotted."""
+    fig, axes = _grid(2, losses, dpi)
+    for row, (subset, pts) in enumerate((("final", final), ("all", data))):
+        for ax, loss in zip(axes[row], losses):
+            _law_panel(ax, [r for r in pts if r["loss"] == loss], fits[subset].get(loss, {}), y0s, "kl", colors)
+            ax.set_xlabel("√KL(π‖π_ref)")
+        axes[row][0].set_ylabel(f"win rate ({subset} checkpoints)")
+    _legend(axes[0][-1], fontsize=7, title="dotted: R(d), ★ SFT", title_fontsize=7)
+    return _save(fig, path)
+
+
+def fig2(data, y0s, colors, losses, path, dpi):
+    """Fig. 2: win rate (top) and KL (bottom) over the epoch, one line per (model size, β), starting at SFT.
+
+    The paper's finding: win rates often peak before the end of the epoch while KL keeps growing.
+    """
+    fig, axes = _grid(2, losses, dpi)
+    cmaps = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]
+    for col, loss in enumerate(losses):
+        pts = [r for r in data if r["loss"] == loss]
+        for m, model in enumerate(colors):
+            betas = sorted({r["beta"] for r in pts if r["model"] == model})
+            for b, beta in enumerate(betas):
+                run = sorted((r for r in pts if r["model"] == model and r["beta"] == beta), key=lambda r: r["fraction"])
+                shade = plt.get_cmap(cmaps[m % len(cmaps)])(0.45 + 0.55 * b / max(1, len(betas) - 1))
+                sft = [(0.0, y0s[model], 0.0)] if model in y0s else []  # every run starts at the SFT policy
+                f, w, kl = zip(*(sft + [(r["fraction"], r["win_rate"], r["kl"]) for r in run]))
+                axes[0][col].plot(f, w, "-o", ms=2, lw=1.2, color=shade, label=model if b == len(betas) - 1 else None)
+                axes[1][col].plot(f, kl, "-o", ms=2, lw=1.2, color=shade)
+        axes[1][col].set_xlabel("fraction of the epoch")
+    axes[0][0].set_ylabel("win rate")
+    axes[1][0].set_ylabel("KL(π‖π_ref)")
+    _legend(axes[0][-1], fontsize=7, title="light → dark: small → large β", title_fontsize=7)
+    return _save(fig, path)
+
+
+def fig3(data, colors, losses, path, dpi):
+    """Fig. 3 (right): R² of the length regression (Eq. 6) vs √KL, per model size."""
+    fig, axes = _grid(1, losses, dpi)
+    for ax, loss in zip(axes[0], losses):
+        for model, color in colors.items():
+            pts = [r for r in data if r["loss"] == loss and r["model"] == model and math.isfinite(r["length_r2"])]
+            ax.plot(sqrt_kl([r["kl"] for r in pts]), [r["length_r2"] for r in pts], "o", ms=4, color=color,
+                    label=model)
+        ax.set_xlabel("√KL(π‖π_ref)")
+    axes[0][0].set_ylabel("R² of log π/π_ref on length (Eq. 6)")
+    _legend(axes[0][-1], fontsize=7)
+    return _save(fig, path)
+
+
+def fig4(data, corr, colors, losses, path, dpi):
+    """Fig. 4: win rate vs held-out implicit-reward accuracy (top) and DAA loss (bottom), with Pearson r."""
+    fig, axes = _grid(2, losses, dpi)
+    for row, (key, label) in enumerate((("eval_accuracy", "implicit-reward accuracy (held out)"),
+                                        ("eval_loss", "DAA loss (held out)"))):
+        for ax, loss in zip(axes[row], losses):
+            c = corr[key][loss]
+            for model, color in colors.items():
+                pts = [r for r in data if r["loss"] == loss and r["model"] == model and math.isfinite(r[key])]
+                if pts:
+                    _errorbar(ax, [r[key] for r in pts], pts, color, label=f"{model} r={c['by_model'][model]:.2f}")
+            ax.set_title(f"{_title(loss)}: r = {c['overall']:.2f}", fontsize=10)
+            ax.set_xlabel(label)
+            _legend(ax, fontsize=6)
+        axes[row][0].set_ylabel("win rate")
+    return _save(fig, path)
+
+
+def fig5(data, fits, y0s, colors, losses, path, dpi):
+    """Fig. 5: win rate vs √forward KL (Eq. 7), all checkpoints, R(d) fits dotted."""
+    fig, axes = _grid(1, losses, dpi)
+    for ax, loss in zip(axes[0], losses):
+        _law_panel(ax, [r for r in data if r["loss"] == loss], fits.get(loss, {}), y0s, "forward_kl", colors)
+        ax.set_xlabel("√KL(π_ref‖π)  (forward, Eq. 7)")
+    axes[0][0].set_ylabel("win rate")
+    _legend(axes[0][-1], fontsize=7, title="dotted: R(d), ★ SFT", title_fontsize=7)
+    return _save(fig, path)
+
+
+# -----------------------------------------------------------------------------
+
+
+def analyze(rows, out, dpi=90):
+    """Fits, correlations and figures for `rows`; writes into directory `out`. Returns (fits, notes)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    judged = [r for r in rows if math.isfinite(r["win_rate"]) and math.isfinite(r["kl"])]
+    if len(judged) < len(rows):
+        notes.append(f"{len(rows) - len(judged)} row(s) without a win rate or KL left out of the win-rate fits")
+    y0s = sft_win_rates(judged)
+    data = [r for r in judged if not is_sft(r)]  # the DAA checkpoints; SFT only sets y0
+    final = final_rows(data)
+    fits = {"scaling_law": {"final": fit_all(final, y0s, notes), "all": fit_all(data, y0s, notes)}}
+    fits["rmse"] = {subset: pooled_rmse(f) for subset, f in fits["scaling_law"].items()}
+    fkl = [r for r in data if math.isfinite(r["forward_kl"])]
+    fits["forward_kl"] = fit_all(fkl, y0s, notes, x="forward_kl") if fkl else {}
+    fits["correlations"] = {k: correlations(data, k) for k in ("eval_accuracy", "eval_loss")}
+    fits["sft_win_rate"] = y0s
+    fits["convention"] = ("win_rate = y0 + R(d), R(d) = d*(alpha - beta*log d), d = sqrt(KL); y0 = SFT win rate "
+                          "(measured when y0_measured, else fitted); quadratic_kl = [y0, a, b] of y0 + a*KL + b*KL^2; "
+                          "quadratic_d = [y0, a, b] of y0 + a*d + b*d^2")
+
+    losses = sorted({r["loss"] for r in data})
+    models = sorted({r["model"] for r in rows if not is_sft(r)}, key=model_key)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    figures = []
+    if data:
+        figures.append(fig1(data, final, fits["scaling_law"], y0s, colors, losses,
+                            out / "fig1_winrate_vs_sqrt_kl.png", dpi))
+        figures.append(fig2(data, y0s, colors, losses, out / "fig2_training_dynamics.png", dpi))
+    else:
+        notes.append("no judged DAA checkpoints: no win-rate figures")
+    # Fig. 3 needs no win rate: every sampled checkpoint counts.
+    sampled = [r for r in rows if not is_sft(r) and math.isfinite(r["kl"]) and math.isfinite(r["length_r2"])]
+    if sampled:
+        figures.append(fig3(sampled, colors, sorted({r["loss"] for r in sampled}), out / "fig3_length_r2.png", dpi))
+    else:
+        notes.append("fig3 skipped: no length_r2 in the inputs (it comes from the samples of a run directory)")
+    if any(math.isfinite(r["eval_accuracy"]) or math.isfinite(r["eval_loss"]) for r in data):
+        figures.append(fig4(data, fits["correlations"], colors, losses, out / "fig4_eval_metrics.png", dpi))
+    else:
+        notes.append("fig4 skipped: no eval_accuracy or eval_loss with a win rate in the inputs")
+    if fkl:
+        figures.append(fig5(fkl, fits["forward_kl"], y0s, colors, losses, out / "fig5_forward_kl.png", dpi))
+    else:
+        notes.append("fig5 skipped: no forward_kl with a win rate in the inputs")
+    fits["figures"] = [p.name for p in figures]
+
+    write_results(out / "results.csv", rows)
+    tmp = out / "fits.json.tmp"
+    tmp.write_text(json.dumps(_finite(fits), indent=1) + "\n")
+    os.replace(tmp, out / "fits.json")
+    return fits, notes
+
+
+def _finite(obj):
+    """JSON has no NaN: write null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Scaling-law fits (Eq. 5), length regression (Eq. 6), forward KL "
+                                "(Eq. 7) and Figs. 1-5 of Rafailov et al. 2024 from run directories or results files.")
+    p.add_argument("inputs", nargs="+", help="run directories (out/<run>/ with args.json) and/or results files "
+                                             "(.csv or .jsonl, one row per model, loss, beta, fraction)")
+    p.add_argument("--out", default="out/fit", help="directory for the figures, fits.json and results.csv")
+    p.add_argument("--dpi", type=int, default=90, help="resolution of the PNG figures")
+    args = p.parse_args(argv)
+    fits, notes = analyze(load(args.inputs), args.out, args.dpi)
+    for note in notes:
+        print(f"note: {note}")
+    print(rmse_table(fits["rmse"]))
+    print(f"wrote {', '.join(fits['figures'] + ['fits.json', 'results.csv'])} to {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

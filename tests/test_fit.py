@@ -1,0 +1,321 @@
+"""fit.py: Eq. 5 fits and baselines, Eq. 6 length regression, readers, figures, degenerate inputs."""
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fit
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("fig1_winrate_vs_sqrt_kl.png", "fig2_training_dynamics.png", "fig3_length_r2.png",
+           "fig4_eval_metrics.png", "fig5_forward_kl.png")
+ALPHA, BETA = 0.1396, 0.05  # peak at d* = e^(α/β − 1) ≈ 6, R(d*) = β·d* ≈ 0.3
+
+
+def law(d, y0=0.0):
+    return y0 + d * (ALPHA - BETA * np.log(d))
+
+
+# ---------------------------------------------------------------- Eq. 5 and the baselines
+
+
+def test_fit_scaling_law_recovers_alpha_beta_within_2_percent():
+    rng = np.random.default_rng(0)
+    d = np.linspace(0.5, 12, 80)
+    alpha, beta = fit.fit_scaling_law(d, law(d) + rng.normal(0, 0.005, d.size))
+    assert alpha == pytest.approx(ALPHA, rel=0.02) and beta == pytest.approx(BETA, rel=0.02)
+    # win rates: the gain over a measured SFT win rate y0
+    alpha, beta = fit.fit_scaling_law(d, law(d, 0.3) + rng.normal(0, 0.005, d.size), y0=0.3)
+    assert alpha == pytest.approx(ALPHA, rel=0.02) and beta == pytest.approx(BETA, rel=0.02)
+    # no SFT point: y0 is fitted too
+    y0, alpha, beta = fit.fit_curve(d, law(d, 0.3) + rng.normal(0, 0.002, d.size), "r_d", None)
+    assert y0 == pytest.approx(0.3, abs=0.005)
+    assert alpha == pytest.approx(ALPHA, rel=0.02) and beta == pytest.approx(BETA, rel=0.02)
+
+
+def test_baselines_are_exact_on_their_own_curves():
+    d = np.linspace(0.0, 10, 12)
+    for shape, (a, b) in {"quadratic_kl": (0.02, -1e-4), "quadratic_d": (0.08, -0.006)}.items():
+        f, g = fit.SHAPES[shape](d)
+        y = 0.35 + a * f + b * g
+        assert fit.fit_curve(d, y, shape, 0.35) == pytest.approx((0.35, a, b), rel=1e-6, abs=1e-12)
+        assert fit.fit_curve(d, y, shape, None) == pytest.approx((0.35, a, b), rel=1e-6, abs=1e-9)
+    kl = d ** 2  # quadratic in KL is a·KL + b·KL²
+    assert fit.predict("quadratic_kl", (0.1, 0.2, 0.3), d) == pytest.approx(0.1 + 0.2 * kl + 0.3 * kl ** 2)
+
+
+def _rmses(d, y, y0):
+    return {s: fit.rmse(y, fit.predict(s, fit.fit_curve(d, y, s, y0), d)) for s in fit.SHAPES}
+
+
+def test_rmse_comparison_on_points_from_the_law():
+    rng = np.random.default_rng(1)
+    d, sigma = np.sqrt(np.linspace(0.25, 144, 60)), 0.02
+    r = _rmses(d, law(d, 0.3) + rng.normal(0, sigma, d.size), 0.3)
+    assert 0.7 * sigma < r["r_d"] < 1.3 * sigma  # the true model fits to the noise level
+    assert r["quadratic_kl"] > 2 * r["r_d"]  # the paper's finding: R(d) at least halves it
+    assert r["r_d"] < r["quadratic_d"] < 2 * r["quadratic_kl"]
+
+
+def test_rmse_comparison_on_points_from_a_quadratic_in_d():
+    rng = np.random.default_rng(2)
+    d, sigma = np.sqrt(np.linspace(0.25, 144, 60)), 0.02
+    y = 0.3 + 0.08 * d - 0.006 * d ** 2 + rng.normal(0, sigma, d.size)
+    r = _rmses(d, y, 0.3)
+    assert 0.7 * sigma < r["quadratic_d"] < 1.3 * sigma
+    assert r["quadratic_d"] < r["r_d"] < 2 * sigma  # R(d) is worse but close: both are concave humps
+    assert r["quadratic_kl"] > r["r_d"]
+
+
+@pytest.mark.parametrize("d, y, message", [
+    ([1.0, 2.0], [0.5, 0.6], "at least 3 points"),
+    ([1.0, 2.0, float("nan")], [0.5, 0.6, 0.7], "finite"),
+    ([1.0, 2.0, 3.0], [0.5, float("inf"), 0.7], "finite"),
+    ([1.0, -2.0, 3.0], [0.5, 0.6, 0.7], "≥ 0"),
+    ([4.0, 4.0, 4.0], [0.5, 0.6, 0.7], "not identifiable"),
+    ([0.0, 0.0, 3.0], [0.5, 0.6, 0.7], "not identifiable"),  # only one d > 0
+    ([[1.0, 2.0, 3.0]], [[0.5, 0.6, 0.7]], "1-D"),
+])
+def test_fit_rejects_degenerate_points(d, y, message):
+    with pytest.raises(ValueError, match=message):
+        fit.fit_scaling_law(d, y)
+
+
+def test_d_zero_is_the_sft_point():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no log(0) warning
+        assert fit.predict("r_d", (0.3, ALPHA, BETA), [0.0]) == pytest.approx([0.3])
+        d = np.array([0.0, 1.0, 2.0, 4.0, 8.0])
+        assert fit.fit_scaling_law(d, law(np.maximum(d, 1e-300))) == pytest.approx((ALPHA, BETA), rel=1e-9)
+    # a slightly negative Monte-Carlo KL reads as d = 0
+    assert fit.sqrt_kl([-0.01, 4.0]) == pytest.approx([0.0, 2.0])
+
+
+# ---------------------------------------------------------------- Eq. 6 and Pearson r
+
+
+def test_length_regression_r2_on_constructed_data():
+    lengths = np.arange(10.0, 60.0)
+    gamma, r2 = fit.length_regression(lengths, 0.05 * lengths - 1.0)
+    assert gamma == pytest.approx(0.05) and r2 == pytest.approx(1.0)
+    # noise of known size: population R² = γ²·Var(len) / (γ²·Var(len) + σ²) = 0.5 here
+    rng = np.random.default_rng(3)
+    lengths = rng.uniform(10, 70, 20000)
+    sigma = 0.05 * math.sqrt(60 ** 2 / 12)
+    z = 0.05 * lengths + rng.normal(0, sigma, lengths.size)
+    gamma, r2 = fit.length_regression(lengths, z)
+    assert gamma == pytest.approx(0.05, rel=0.03) and r2 == pytest.approx(0.5, abs=0.02)
+    assert r2 == pytest.approx(np.corrcoef(lengths, z)[0, 1] ** 2)  # simple regression: R² = r²
+    assert gamma == pytest.approx(np.polyfit(lengths, z, 1)[0])
+
+
+def test_length_regression_degenerate():
+    assert all(math.isnan(v) for v in fit.length_regression([512, 512, 512], [1.0, 2.0, 3.0]))  # all at the cap
+    gamma, r2 = fit.length_regression([10, 20, 30], [0.0, 0.0, 0.0])  # the SFT policy: π = π_ref
+    assert gamma == 0.0 and math.isnan(r2)
+    for lengths, z, message in (([1, 2], [1.0, 2.0], "at least 3"), ([1, 2, 3], [1.0, 2.0], "same length"),
+                                ([1, 2, 3], [1.0, float("nan"), 2.0], "finite")):
+        with pytest.raises(ValueError, match=message):
+            fit.length_regression(lengths, z)
+
+
+def test_pearson():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    assert fit.pearson(x, x + y) == pytest.approx(np.corrcoef(x, x + y)[0, 1])
+    assert fit.pearson([1, 2, float("nan"), 4], [2, 4, 5, 8]) == pytest.approx(1.0)  # NaN pairs dropped
+    assert math.isnan(fit.pearson([1, 2], [3, 4])) and math.isnan(fit.pearson([1, 1, 1], [1, 2, 3]))
+
+
+# ---------------------------------------------------------------- results files and the CLI
+
+
+def _law_rows(models=("pythia-1b", "pythia-2.8b"), losses=("dpo", "ipo"), sft=True):
+    """Noise-free results rows drawn from y0 + R(d): 3 β × 4 checkpoints per (model, loss)."""
+    rows = []
+    for i, model in enumerate(models):
+        y0 = 0.3 + 0.05 * i
+        if sft:
+            rows.append({"model": model, "loss": "sft", "beta": "", "fraction": 0, "win_rate": y0, "kl": 0})
+        for loss in losses:
+            for j, beta in enumerate((0.05, 0.1, 0.5)):
+                for fraction in (0.25, 0.5, 0.75, 1.0):
+                    kl = (1 + 40 * fraction) / (1 + j)
+                    rows.append({"model": model, "loss": loss, "beta": beta, "fraction": fraction,
+                                 "win_rate": float(law(math.sqrt(kl), y0)), "win_rate_se": 0.03, "kl": kl,
+                                 "forward_kl": 0.5 * kl, "eval_accuracy": 0.5 + 0.01 * kl,
+                                 "eval_loss": 0.69 - 0.005 * kl + 0.01 * j})
+    return rows
+
+
+def _write_csv(path, rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_results_csv_fits_exactly_and_prints_the_table(tmp_path, capsys):
+    fit.main([str(_write_csv(tmp_path / "r.csv", _law_rows())), "--out", str(tmp_path / "o")])
+    fits = json.loads((tmp_path / "o" / "fits.json").read_text())
+    for subset in ("final", "all"):
+        for loss in ("dpo", "ipo"):
+            for i, model in enumerate(("pythia-1b", "pythia-2.8b")):
+                f = fits["scaling_law"][subset][loss][model]
+                assert f["y0_measured"] and f["y0"] == pytest.approx(0.3 + 0.05 * i)
+                assert (f["alpha"], f["beta"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
+                assert f["rmse"] < 1e-9 < f["rmse_quadratic_kl"]
+    assert fits["rmse"]["all"]["dpo"]["n"] == 24
+    assert fits["forward_kl"]["dpo"]["pythia-1b"]["n"] == 12
+    assert fits["correlations"]["eval_accuracy"]["dpo"]["overall"] == pytest.approx(
+        np.corrcoef(*zip(*[(r["eval_accuracy"], r["win_rate"]) for r in _law_rows() if r["loss"] == "dpo"]))[0, 1])
+    out = capsys.readouterr().out
+    assert "quadKL/R(d)" in out and "final       dpo" in out and "all         ipo" in out
+    assert "fig3 skipped" in out  # a results file without length_r2 has no Fig. 3
+    for name in FIGURES[:2] + FIGURES[3:]:
+        assert (tmp_path / "o" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # results.csv round-trips
+    again = fit.read_results(tmp_path / "o" / "results.csv")
+    assert len(again) == len(_law_rows()) and again[1]["kl"] == pytest.approx(_law_rows()[1]["kl"], rel=1e-5)
+
+
+def test_results_jsonl_without_sft_fits_the_intercept(tmp_path):
+    rows = _law_rows(models=("tiny",), losses=("slic",), sft=False)
+    rows[0]["eval_loss"] = None  # null is missing
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    fits, notes = fit.analyze(fit.load([str(path)]), tmp_path / "o")
+    f = fits["scaling_law"]["all"]["slic"]["tiny"]
+    assert not f["y0_measured"] and f["y0"] == pytest.approx(0.3, abs=1e-9)
+    assert (f["alpha"], f["beta"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
+    assert fits["sft_win_rate"] == {}
+
+
+def test_degenerate_groups_are_skipped_with_a_note(tmp_path):
+    rows = _law_rows(models=("pythia-1b",), losses=("dpo",))
+    rows += [{"model": "pythia-1b", "loss": "ipo", "beta": 0.1, "fraction": f, "win_rate": 0.5, "kl": 4 * f}
+             for f in (0.5, 1.0)]  # 2 points
+    rows[3]["win_rate"] = "nan"  # not judged yet
+    fits, notes = fit.analyze(fit.load([str(_write_csv(tmp_path / "r.csv", rows))]), tmp_path / "o")
+    assert "ipo" not in fits["scaling_law"]["all"] and fits["scaling_law"]["all"]["dpo"]["pythia-1b"]["n"] == 11
+    assert any("no fit for ipo pythia-1b" in n and "at least 3 points" in n for n in notes)
+    assert any("1 row(s) without a win rate" in n for n in notes)
+    assert (tmp_path / "o" / FIGURES[0]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model,loss,beta,fraction,win_rate\nm,dpo,0.1,1,0.5\n", "r.csv:2: missing column(s) kl"),
+    ("model,loss,beta,fraction,win_rate,kl\nm,dpo,0.1,1,0.5,2\nm,dpo,0.1,1,high,2\n", "r.csv:3: win_rate='high'"),
+    ("model,loss,beta,fraction,win_rate,kl\nm,dpo,0.1,,0.5,2\n", "r.csv:2: fraction is empty"),
+    ("model,loss,beta,fraction,win_rate,kl\nm,dpo,,1,0.5,2\n", "r.csv:2: beta is empty"),
+    ("model,loss,beta,fraction,win_rate,kl\n", "no rows"),
+])
+def test_bad_results_file_raises_before_writing(tmp_path, content, message):
+    (tmp_path / "r.csv").write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit.main([str(tmp_path / "r.csv"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_error_is_one_line_and_nonzero(tmp_path):
+    (tmp_path / "r.csv").write_text("model,loss,beta,fraction,win_rate\nm,dpo,0.1,1,0.5\n")
+    p = subprocess.run([sys.executable, str(ROOT / "fit.py"), str(tmp_path / "r.csv"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode != 0 and p.stdout == ""
+    assert p.stderr.startswith("error: ") and "missing column(s) kl" in p.stderr and p.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_inputs_name_the_file_and_line(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"model": "m"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:1: missing column\(s\) loss"):
+        fit.load([str(tmp_path / "r.jsonl")])
+    (tmp_path / "r.jsonl").write_text('\n{oops\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:2: not JSON"):
+        fit.load([str(tmp_path / "r.jsonl")])
+    with pytest.raises(ValueError, match="neither a run directory"):
+        fit.load([str(tmp_path)])
+
+
+# ---------------------------------------------------------------- run directories → every figure
+
+
+def _write_run(root, model, loss, beta, rng, y0):
+    """A run directory as daa.py + sample.py + judge.py lay it out (DESIGN.md, "Files on disk")."""
+    run = root / (f"{model}-{loss}-{beta}" if loss else f"{model}-sft")
+    run.mkdir()
+    args = {"model": model} | ({"loss": loss, "beta": beta} if loss else {})
+    (run / "args.json").write_text(json.dumps(args))
+    metrics, n = [], 16
+    for examples in ((256, 512, 768, 1024) if loss else (0,)):
+        fraction = examples / 1024
+        kl = 40 * fraction / (beta * 20) if loss else 0.0
+        tag = f"ckpt-{examples}" if loss else "sft"
+        if loss:
+            (run / tag).mkdir()
+            (run / tag / "trainer_state.json").write_text(json.dumps({"examples": examples, "fraction": fraction}))
+            metrics += [{"step": examples // 128, "examples": examples, "loss": 0.6},
+                        {"step": examples // 128, "examples": examples, "eval/loss": 0.69 - 0.004 * kl,
+                         "eval/accuracy": 0.5 + 0.005 * kl, "eval/logratio_chosen": -0.4 * kl}]
+        lengths = rng.integers(10, 60, n)
+        logratios = kl + 0.01 * math.sqrt(kl) * (lengths - 35) + rng.normal(0, 0.3 if loss else 0.0, n)
+        (run / f"samples-{tag}.jsonl").write_text("".join(json.dumps(
+            {"id": i, "prompt": "p", "sample": "s", "reference": "r", "length": int(lengths[i]),
+             "policy_logp": -50.0 + logratios[i], "ref_logp": -50.0}) + "\n" for i in range(n)))
+        p = float(law(max(math.sqrt(kl), 1e-9), y0))
+        wins = (np.arange(n) < round(p * n)).astype(float)
+        (run / f"judgments-{tag}.jsonl").write_text("".join(
+            json.dumps({"id": i, "win": wins[i], "verdict": "A"}) + "\n" for i in range(n)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run
+
+
+def test_every_figure_from_synthetic_run_directories(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    runs = [_write_run(tmp_path, model, loss, beta, rng, y0)
+            for model, y0 in (("pythia-410m", 0.3), ("pythia-1b", 0.35))
+            for loss in ("dpo", "ipo", "slic") for beta in (0.05, 0.1, 0.5)]
+    runs += [_write_run(tmp_path, model, None, None, rng, y0)
+             for model, y0 in (("pythia-410m", 0.3), ("pythia-1b", 0.35))]
+    rows = fit.read_run(runs[0])
+    assert [r["fraction"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+    r = rows[-1]
+    assert r["forward_kl"] == pytest.approx(0.4 * 40 / (0.05 * 20))  # Eq. 7: −mean chosen log-ratio
+    assert r["eval_accuracy"] == pytest.approx(0.5 + 0.005 * 40) and r["length_r2"] > 0.5
+    wins = [json.loads(line)["win"] for line in (runs[0] / "judgments-ckpt-1024.jsonl").read_text().splitlines()]
+    assert r["win_rate"] == pytest.approx(np.mean(wins)) and r["win_rate_se"] == pytest.approx(
+        np.std(wins, ddof=1) / 4)
+    sft = fit.read_run(runs[-1])
+    assert len(sft) == 1 and fit.is_sft(sft[0]) and sft[0]["kl"] == 0 and math.isnan(sft[0]["length_r2"])
+
+    out = tmp_path / "figs"
+    fit.main([str(r) for r in runs] + ["--out", str(out), "--dpi", "50"])
+    for name in FIGURES:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    fits = json.loads((out / "fits.json").read_text())
+    assert sorted(fits["figures"]) == sorted(FIGURES)
+    assert set(fits["scaling_law"]["all"]) == {"dpo", "ipo", "slic"}
+    assert fits["sft_win_rate"] == {"pythia-410m": pytest.approx(5 / 16), "pythia-1b": pytest.approx(6 / 16)}
+    assert not list(out.glob("*.tmp"))
+    assert "note" not in capsys.readouterr().out
+
+
+def test_synthetic_example_script(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "synthetic_fit_example.py"), "--out", str(tmp_path),
+                        "--dpi", "40", "--prompts", "64"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "Eq. 5 recovered" in p.stdout and "quadKL/R(d)" in p.stdout
+    for name in FIGURES:
+        assert (tmp_path / name).stat().st_size > 5000
+    rows = fit.read_results(tmp_path / "results.csv")
+    assert len(rows) == 3 + 3 * 3 * 5 * 4
