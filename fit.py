@@ -95,12 +95,14 @@ def fit_scaling_law(d, y, y0=0.0):
 
 
 def predict(shape, coef, d):
+    """y0 + a·f(d) + b·g(d) for coef = (y0, a, b) as fit_curve returns it."""
     d = np.asarray(d, dtype=float)
     f, g = SHAPES[shape](d)
     return coef[0] + coef[1] * f + coef[2] * g
 
 
 def rmse(y, pred):
+    """Root-mean-square residual, the paper's measure of fit."""
     return float(np.sqrt(np.mean((np.asarray(y) - np.asarray(pred)) ** 2)))
 
 
