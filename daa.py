@@ -12,8 +12,18 @@ over response tokens. Only the convex function g differs:
     slic   max(0, 1 − βh)          Zhao et al. 2023 (hinge, calibration term only)
     ipo    (h − 1/(2β))²           Azar et al. 2023
 """
+import argparse
+import sys
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+import logprobs
+import training
+from download import DownloadError
+from tokenizer import load_tokenizer
 
 LOSSES = ("dpo", "ipo", "slic")
 
@@ -48,3 +58,170 @@ def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+# ---------------------------------------------------------------- training script
+#
+#   python daa.py --init out/sft-70m --loss dpo --beta 0.1 --data ~/.cache/nanodaa/data/tldr --out out/dpo-0.1
+#   torchrun --nproc_per_node 8 daa.py --init out/sft-1b --loss ipo --beta 0.1 ... --out out/ipo-1b-0.1
+
+EVAL_KEYS = {  # eval.json / metrics.jsonl name -> per-pair statistic; fit.py reads these (Fig. 4, Fig. 5)
+    "eval/loss": "loss", "eval/accuracy": "rewards/accuracy", "eval/margin": "rewards/margin",
+    "eval/logratio_chosen": "logratios/chosen", "eval/logratio_rejected": "logratios/rejected",
+    "eval/rewards_chosen": "rewards/chosen", "eval/rewards_rejected": "rewards/rejected",
+    "eval/logps_chosen": "logps/chosen", "eval/logps_rejected": "logps/rejected",
+}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__ + "\nTrains a policy with one of these losses from an SFT "
+                                "checkpoint; re-running the same command on the same --out resumes it.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", required=True, help="the SFT checkpoint to start from (out/sft, out/sft/latest or "
+                   "out/sft/ckpt-N); it is also the reference π_ref unless --ref is given")
+    p.add_argument("--ref", default=None, help="a different reference model directory (default: --init)")
+    p.add_argument("--loss", choices=LOSSES, default="dpo", help="g of Eq. 4 (table at the top of daa.py)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of Eq. 4: the strength of the KL constraint; the "
+                   "paper sweeps it")
+    p.add_argument("--length-alpha", type=float, default=0.0, help="α of Park et al.'s length regulariser, margin "
+                   "βh − α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0 turns it off")
+    p.add_argument("--precompute-ref", action="store_true", help="one pass computes the reference log-probs of "
+                   "every pair, then the reference model is freed (saves its memory during training)")
+    p.add_argument("--eval-examples", type=int, default=1000, help="pairs of pref_eval.jsonl scored at every "
+                   "checkpoint (loss, reward accuracy, margin, log-ratios); 0 skips evaluation")
+    training.add_args(p, checkpoints=4)
+    return p
+
+
+def pair_batch(tok, pairs, idx, split, max_length, device):
+    """Chosen and rejected of each pair in one padded batch, [chosen_0..chosen_n, rejected_0..rejected_n],
+    so the policy runs one forward per micro-batch (the DPO reference code's concatenated_forward)."""
+    seqs = [training.encode(tok, pairs[i]["prompt"], [pairs[i]["chosen"], pairs[i]["rejected"]], max_length)
+            for i in idx]
+    batch = training.collate([s[0] for s in seqs] + [s[1] for s in seqs], tok.eos_id, device)
+    return dict(batch, idx=idx, split=split)
+
+
+def pair_logps(model, batch):
+    """Sequence log-probs (summed over response tokens) of the chosen and of the rejected responses."""
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    n = len(logps) // 2
+    return logps[:n], logps[n:]
+
+
+def make_loss_fn(args, reference):
+    """loss_fn(model, batch) -> (mean DAA loss, per-pair statistics); `reference(batch)` gives π_ref's log-probs."""
+    def loss_fn(model, batch):
+        chosen, rejected = pair_logps(model, batch)
+        ref_chosen, ref_rejected = reference(batch)
+        lengths = (batch["labels"] != training.IGNORE).sum(1)  # response tokens, for --length-alpha
+        n = len(chosen)
+        losses, chosen_rewards, rejected_rewards = daa_loss(
+            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss,
+            args.length_alpha, lengths[:n], lengths[n:])
+        stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                 "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
+                 "rewards/margin": chosen_rewards - rejected_rewards,
+                 "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
+                 "logratios/chosen": (chosen - ref_chosen).detach(),
+                 "logratios/rejected": (rejected - ref_rejected).detach()}
+        return losses.mean(), stats
+    return loss_fn
+
+
+def live_reference(ref, env):
+    def reference(batch):
+        with torch.no_grad(), env.autocast:
+            return pair_logps(ref, batch)
+    return reference
+
+
+def precompute_reference(ref, batches, n_batches, env):
+    """Run π_ref once over every batch this process will see; returns a reference(batch) that looks them up."""
+    table, t0 = {}, time.time()
+    for k, batch in enumerate(batches, 1):
+        chosen, rejected = live_reference(ref, env)(batch)
+        table.update(((batch["split"], i), (c, r)) for i, c, r in zip(batch["idx"], chosen.tolist(), rejected.tolist()))
+        if k % 50 == 0 or k == n_batches:
+            training.say(env, f"reference log-probs: {k}/{n_batches} batches, "
+                              f"ETA {training.eta(t0, k, n_batches)}")
+
+    def reference(batch):
+        logps = torch.tensor([table[batch["split"], i] for i in batch["idx"]], device=batch["input_ids"].device)
+        return logps[:, 0], logps[:, 1]
+    return reference
+
+
+def evaluate(model, loss_fn, batches, env):
+    """Mean per-pair statistics on the held-out pairs, over all processes (EVAL_KEYS)."""
+    sums = {}
+    with torch.no_grad(), env.autocast:
+        for batch in batches:
+            _, stats = loss_fn(model, batch)
+            stats["examples"] = torch.ones_like(stats["loss"])
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+    sums = training.reduce_sum(env, sums)
+    return {"eval/examples": int(sums["examples"]), **{k: sums[v] / sums["examples"] for k, v in EVAL_KEYS.items()}}
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.beta <= 0:
+        raise ValueError(f"--beta must be positive, got {args.beta}")
+    env = training.setup(args)
+    state = training.prepare_out(args, env)
+    if training.finished(state, env):
+        return training.finish(env)
+    tok = load_tokenizer(training.model_dir(args.init))
+    data = Path(args.data)
+    pairs = training.read_jsonl(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
+    eval_pairs = (training.read_jsonl(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
+                  if args.eval_examples else [])
+    plan = training.make_plan(args, env, len(pairs))
+    start = state["step"] if state else 0
+
+    policy = training.load_model(state["dir"] if state else args.init, args.seed, env.device)
+    ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
+                        env, args.fsdp)
+
+    def batch(idx, split):
+        return pair_batch(tok, pairs if split == "train" else eval_pairs, idx, split, args.max_length, env.device)
+    eval_idx = training.shard(len(eval_pairs), env, plan.micro)
+    if args.precompute_ref:
+        todo = [(idx, "train") for step in range(start, plan.total_steps)
+                for idx in training.micro_batch_indices(plan, step)] + [(idx, "eval") for idx in eval_idx]
+        reference = precompute_reference(ref, (batch(*t) for t in todo), len(todo), env)
+        del ref  # the reference model's memory is free for training from here on
+    else:
+        reference = live_reference(ref, env)
+    loss_fn = make_loss_fn(args, reference)
+    policy = training.wrap(policy, env, args.fsdp)
+    optimizer = training.make_optimizer(args, policy)
+    if state:
+        training.load_optimizer(policy, optimizer, state["dir"])
+    training.say(env, f"{args.loss} β={args.beta}: {len(pairs)} pairs, {plan.total_steps} steps of {plan.batch_size} "
+                      f"({plan.micro} per forward × {plan.accum} accumulation × {env.world} processes), "
+                      f"checkpoints after steps {plan.checkpoint_steps}")
+
+    clock = training.start_clock(start)
+    for step in range(start, plan.total_steps):
+        batches = [batch(idx, "train") for idx in training.micro_batch_indices(plan, step)]
+        stats = training.train_step(policy, optimizer, batches, loss_fn, env, args, step)
+        training.log_step(args, env, plan, step + 1, stats, clock)
+        if step + 1 in plan.checkpoint_steps:
+            extra = {}
+            if eval_idx:
+                ev = evaluate(training.unwrap(policy), loss_fn, (batch(idx, "eval") for idx in eval_idx), env)
+                training.log_metrics(args, env, {"step": step + 1, "examples": (step + 1) * plan.batch_size, **ev})
+                training.say(env, " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                extra["eval.json"] = ev
+            training.save_checkpoint(args, env, plan, step + 1, policy, optimizer, tok.enc.name, extra)
+    training.finish(env)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError, DownloadError) as e:
+        sys.exit(f"error: {e}")

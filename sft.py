@@ -1,0 +1,75 @@
+"""Supervised fine-tuning, the first step of the paper's pipeline (Sec. 4, App. B).
+
+Maximises log π(y|x) of the dataset's responses (TL;DR: the human-written summaries)
+given their prompts. The result is both the DAA policy's starting point and its
+reference π_ref (daa.py --init out/sft).
+
+    python sft.py --model pythia-70m --data ~/.cache/nanodaa/data/tldr --out out/sft-70m
+    torchrun --nproc_per_node 8 sft.py --model pythia-1b --data ... --out out/sft-1b --lr 1e-6
+
+Re-running the same command on the same --out resumes from its newest checkpoint.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import logprobs
+import training
+from download import DownloadError
+from tokenizer import load_tokenizer
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a Pythia name (pythia-1b), or a checkpoint directory holding "
+                   "config.json, tokenizer.json and model.safetensors; a directory without model.safetensors "
+                   "starts from a random init seeded by --seed (the offline miniature task)")
+    training.add_args(p, checkpoints=1)
+    return p
+
+
+def sft_loss(model, batch):
+    # Negative log-likelihood summed over each response's tokens and averaged over sequences, as
+    # the DPO reference code: the objective is log π(y|x) of whole responses, the same sequence
+    # log-prob the DAA losses (Eq. 4) and the KL are made of. A per-token mean would instead
+    # weigh every token of the batch equally, so short responses would count for less.
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    n_tokens = (batch["labels"] != training.IGNORE).sum(1)
+    return -logps.mean(), {"loss": -logps.detach(), "response_tokens": n_tokens}
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    env = training.setup(args)
+    state = training.prepare_out(args, env)
+    if training.finished(state, env):
+        return training.finish(env)
+    tok = load_tokenizer(training.model_dir(args.model))
+    data = training.read_jsonl(Path(args.data) / "sft_train.jsonl", ("prompt", "response"), args.max_examples)
+    plan = training.make_plan(args, env, len(data))
+    model = training.load_model(state["dir"] if state else args.model, args.seed, env.device)
+    model = training.wrap(model, env, args.fsdp)
+    optimizer = training.make_optimizer(args, model)
+    if state:
+        training.load_optimizer(model, optimizer, state["dir"])
+    start = state["step"] if state else 0
+    training.say(env, f"{len(data)} examples, {plan.total_steps} steps of {plan.batch_size} "
+                      f"({plan.micro} per forward × {plan.accum} accumulation × {env.world} processes)")
+
+    clock = training.start_clock(start)
+    for step in range(start, plan.total_steps):
+        batches = [training.collate([training.encode(tok, data[i]["prompt"], [data[i]["response"]], args.max_length)[0]
+                                     for i in idx], tok.eos_id, env.device)
+                   for idx in training.micro_batch_indices(plan, step)]
+        stats = training.train_step(model, optimizer, batches, sft_loss, env, args, step)
+        training.log_step(args, env, plan, step + 1, stats, clock)
+        if step + 1 in plan.checkpoint_steps:
+            training.save_checkpoint(args, env, plan, step + 1, model, optimizer, tok.enc.name)
+    training.finish(env)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError, DownloadError) as e:
+        sys.exit(f"error: {e}")

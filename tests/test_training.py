@@ -1,0 +1,219 @@
+"""training.py: batching, truncation, data order, LR, optimizer files, and DDP/FSDP under torchrun.
+
+A tiny random GPT-NeoX (2 layers, width 32) with the real Pythia tokenizer, on prepared
+JSONL written from the real TL;DR fixtures. test_sft.py and test_daa.py import the helpers.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT))
+
+import training  # noqa: E402
+from model import Config, GPTNeoX  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+TINY = Config(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+# Small runs: 4 pairs per step, prompts cut to fit 40 tokens (truncation is exercised on every example).
+RUN = ["--batch-size", "4", "--micro-batch-size", "2", "--max-length", "40", "--lr", "1e-3", "--warmup", "1",
+       "--log-interval", "100"]
+
+
+def tldr_prompt(info):
+    return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+
+
+def write_inputs(tmp, weights=True):
+    """tmp/model (config.json, tokenizer.json[, model.safetensors]) and tmp/data (prepared JSONL)."""
+    model_dir, data = tmp / "model", tmp / "data"
+    data.mkdir(parents=True)
+    if weights:
+        torch.manual_seed(0)
+        GPTNeoX(TINY).save_pretrained(model_dir)
+    else:
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps(TINY.to_dict()))
+    shutil.copy(FIXTURES / "gpt-neox-20b-tokenizer.json", model_dir / "tokenizer.json")
+    with open(FIXTURES / "tldr_queries_first300.csv", encoding="utf-8") as f:
+        rows = [{"prompt": r["query"], "response": r["reference_responses"]} for r in csv.DictReader(f)]
+    (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    pairs = []
+    for line in open(FIXTURES / "tldr_comparisons_batch18_first100.jsonl", encoding="utf-8"):
+        c = json.loads(line)
+        texts = [s["text"] for s in c["summaries"]]
+        pairs.append({"prompt": tldr_prompt(c["info"]), "chosen": texts[c["choice"]], "rejected": texts[1 - c["choice"]]})
+    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:60]))
+    (data / "pref_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[60:]))
+    return model_dir, data
+
+
+def weights(run_dir):
+    return load_file(Path(run_dir) / "latest" / "model.safetensors")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def torchrun(script, args, nproc=2):
+    """Start `torchrun --standalone --nproc_per_node N script args` (gloo on CPU); returns the Popen."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def single_env():
+    return SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), main=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer.json")
+
+
+# ---------------------------------------------------------------- data
+
+def test_encode_truncates_the_prompt_middle_and_keeps_tldr(tok):
+    with open(FIXTURES / "tldr_queries_first300.csv", encoding="utf-8") as f:
+        row = next(csv.DictReader(f))
+    prompt, response = row["query"], row["reference_responses"]
+    (ids, labels), = training.encode(tok, prompt, [response], max_length=40)
+    n_prompt = sum(label == training.IGNORE for label in labels)
+    r = tok.encode(response) + [tok.eos_id]
+    assert len(ids) == 40 and len(r) > 20
+    assert ids[n_prompt:] == labels[n_prompt:] == r[:20]  # a long prompt leaves the response half the budget
+    text = tok.decode(ids[:n_prompt])
+    assert text.startswith("SUBREDDIT: r/AskReddit\n\nTITLE") and text.endswith("\nTL;DR:")
+    assert "\nTL;DR:" not in text[:-len("\nTL;DR:")]
+    (ids, labels), = training.encode(tok, prompt, [response], max_length=2000)  # fits: untouched, EOS appended
+    assert ids == tok.encode(prompt) + r and labels == [training.IGNORE] * len(tok.encode(prompt)) + r
+
+
+def test_encode_pairs_share_the_prompt_cut(tok):
+    (cw, lw), (cr, lr) = training.encode(tok, "POST: " + "word " * 100 + "\nTL;DR:", [" short", " a longer answer here"], 24)
+    nw, nr = lw.count(training.IGNORE), lr.count(training.IGNORE)
+    assert nw == nr and cw[:nw] == cr[:nr] and len(cr) == 24 and cw[-1] == tok.eos_id
+
+
+def test_collate_pads_right_with_ignored_labels():
+    b = training.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, device="cpu")
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: needs string field\(s\) response"):
+        training.read_jsonl(p, ("prompt", "response"))
+    p.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: not valid JSON"):
+        training.read_jsonl(p, ("prompt", "response"))
+    assert training.read_jsonl(p, ("prompt", "response"), limit=1) == [{"prompt": "a", "response": "b"}]
+
+
+def plan(world=1, rank=0, batch=8, micro=2, n=40, epochs=2, checkpoints=4):
+    args = argparse.Namespace(batch_size=batch, micro_batch_size=micro, epochs=epochs, checkpoints=checkpoints, seed=3)
+    return training.make_plan(args, SimpleNamespace(world=world, rank=rank), n)
+
+
+def test_shards_cover_the_global_batch_whatever_the_world_size():
+    p1 = plan()
+    assert (p1.accum, p1.steps_per_epoch, p1.total_steps, p1.checkpoint_steps) == (4, 5, 10, [2, 5, 8, 10])
+    for step in range(p1.total_steps):
+        one = sum(training.micro_batch_indices(p1, step), [])
+        two = [sum(training.micro_batch_indices(plan(world=2, rank=r), step), []) for r in range(2)]
+        assert two[0] + two[1] == one and len(one) == 8
+    epoch0 = sum((sum(training.micro_batch_indices(p1, s), []) for s in range(5)), [])
+    epoch1 = sum((sum(training.micro_batch_indices(p1, s), []) for s in range(5, 10)), [])
+    assert sorted(epoch0) == sorted(epoch1) == list(range(40)) and epoch0 != epoch1  # reshuffled per epoch
+    assert training.micro_batch_indices(plan(), 7) == training.micro_batch_indices(p1, 7)  # from (seed, epoch) only
+
+
+def test_batch_size_must_divide():
+    with pytest.raises(ValueError, match="--batch-size 8 must be a multiple of --micro-batch-size 3 × 2 processes"):
+        plan(world=2, micro=3)
+    with pytest.raises(ValueError, match="fewer than --batch-size"):
+        plan(n=7)
+
+
+def test_lr_warms_up_linearly_then_stays():
+    args = argparse.Namespace(lr=5e-7, warmup=150)
+    assert training.lr_at(0, args) == pytest.approx(5e-7 / 151)
+    assert training.lr_at(74, args) == pytest.approx(5e-7 * 75 / 151)
+    assert training.lr_at(150, args) == training.lr_at(10_000, args) == 5e-7
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adamw"])
+def test_optimizer_state_round_trips_through_safetensors(tmp_path, name):
+    def fresh():
+        torch.manual_seed(0)
+        m = GPTNeoX(Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+        return m, training.make_optimizer(argparse.Namespace(optimizer=name, lr=1e-2), m)
+
+    def step(m, opt):
+        m(torch.arange(8)[None]).logsumexp(-1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    a, opt_a = fresh()
+    step(a, opt_a)
+    full = training.StateDictOptions(full_state_dict=True)
+    training.save_optimizer(training.get_optimizer_state_dict(a, opt_a, options=full), tmp_path / "optimizer.safetensors")
+    b, opt_b = fresh()
+    b.load_state_dict(a.state_dict())
+    training.load_optimizer(b, opt_b, tmp_path)
+    step(a, opt_a)
+    step(b, opt_b)
+    assert max_diff(a.state_dict(), b.state_dict()) == 0
+
+
+def test_resume_refuses_other_flags(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text(json.dumps({"out": str(out), "lr": 1e-6, "micro_batch_size": 4}))
+    args = argparse.Namespace(out=str(out), lr=5e-7, micro_batch_size=2)
+    with pytest.raises(ValueError, match=r"other flags \(--lr 1e-06 -> 5e-07\)"):
+        training.prepare_out(args, single_env())
+    args.lr = 1e-6  # a different micro-batch size does not change the run: accepted
+    assert training.prepare_out(args, single_env()) is None
+
+
+# ---------------------------------------------------------------- torchrun
+
+def test_ddp_and_fsdp_equal_one_process_with_accumulation(tmp_path):
+    """Same global batch of 4 pairs: 2 ranks × micro 2 (DDP, then FSDP) vs 1 process × micro 2 × accumulation 2."""
+    import daa
+    model_dir, data = write_inputs(tmp_path)
+    common = ["--init", str(model_dir), "--data", str(data), *RUN, "--max-examples", "8", "--checkpoints", "1",
+              "--eval-examples", "8"]
+    procs = {name: torchrun("daa.py", [*common, "--out", str(tmp_path / name), *flags])
+             for name, flags in [("ddp", []), ("fsdp", ["--fsdp"])]}
+    daa.main([*common, "--out", str(tmp_path / "one")])
+    for name, p in procs.items():
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+        assert "1 per forward" not in out and "2 per forward × 1 accumulation × 2 processes" in out
+    one, init = weights(tmp_path / "one"), load_file(model_dir / "model.safetensors")
+    update = max_diff(one, init)
+    assert update > 1e-4
+    for name in procs:
+        assert max_diff(weights(tmp_path / name), one) <= 0.01 * update, name
+        ev = json.loads((tmp_path / name / "latest" / "eval.json").read_text())
+        ev1 = json.loads((tmp_path / "one" / "latest" / "eval.json").read_text())
+        assert ev["eval/examples"] == ev1["eval/examples"] == 8
+        assert ev["eval/loss"] == pytest.approx(ev1["eval/loss"], rel=1e-4)

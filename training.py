@@ -1,0 +1,499 @@
+"""Plumbing shared by sft.py and daa.py: torchrun setup, data, optimizer, checkpoints, logging.
+
+A training script reads top to bottom with these pieces:
+
+    args = parser.parse_args(); env = setup(args)            # torchrun ranks, device, autocast
+    state = prepare_out(args, env)                            # args.json; resume from `latest`
+    plan = make_plan(args, env, n_examples)                   # steps, accumulation, checkpoint steps
+    for step in range(start, plan.total_steps):
+        batches = [collate(...) for idx in micro_batch_indices(plan, step)]
+        stats = train_step(model, optimizer, batches, loss_fn, env, args, step)
+        log_step(...); if step + 1 in plan.checkpoint_steps: save_checkpoint(...)
+
+Batching (App. B of the paper; Conventions in DESIGN.md): `--batch-size` is the global
+batch, split as micro-batch × accumulation steps × world size. The data order is a
+permutation drawn from (seed, epoch) alone, so a resumed run sees exactly the batches an
+uninterrupted run sees. Every file is written to a temporary name and renamed into place.
+"""
+import base64
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from download import cache_dir
+from model import Config, GPTNeoX
+
+IGNORE = -100  # label of prompt and padding positions (logprobs.py gives them log-prob 0)
+FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device"}  # the math stays the same
+
+
+def add_args(parser, checkpoints):
+    """The flags sft.py and daa.py share; defaults are the paper's App. B."""
+    p = parser
+    p.add_argument("--data", default=str(cache_dir() / "data" / "tldr"), help="directory of prepared JSONL, as "
+                   "data/<name>/prepare.py writes it (default: $NANODAA_CACHE/data/tldr)")
+    p.add_argument("--out", required=True, help="run directory; re-running the same command on it resumes from "
+                   "its `latest` checkpoint")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch in examples (pairs for DAA), over all "
+                   "processes and accumulation steps (App. B: 128)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="examples per process per forward; "
+                   "accumulation = batch / (micro × processes) (default: min(8, batch / processes))")
+    p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (App. B: 5e-7)")
+    p.add_argument("--warmup", type=int, default=150, help="linear warmup steps, then constant (App. B: 150)")
+    p.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop",
+                   help="RMSprop as the paper and the DPO reference code, or AdamW (weight decay 0)")
+    p.add_argument("--max-grad-norm", type=float, default=10.0, help="clip the global gradient norm "
+                   "(10, as the DPO reference code)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training set (App. B: 1)")
+    p.add_argument("--max-examples", type=int, default=None, help="use only the first N training examples "
+                   "(quick runs, tests)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate prompt + response to this many tokens; "
+                   "the prompt loses its middle, keeping its start and its last line (TL;DR:, Assistant:)")
+    p.add_argument("--checkpoints", type=int, default=checkpoints, help="checkpoints evenly spaced over the run: "
+                   "4 saves at 25/50/75/100%% (ckpt-<examples seen>/)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order (with the epoch) and any random init")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (one GPU per torchrun process, by LOCAL_RANK) or cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="autocast compute dtype; "
+                   "weights, gradients and optimizer state stay float32 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the "
+                   "processes with torch's fully_shard (for models DDP cannot hold, e.g. pythia-6.9b)")
+    p.add_argument("--log-interval", type=int, default=10, help="print a progress line every N steps (rank 0); "
+                   "metrics.jsonl gets every step")
+    return p
+
+
+# ---------------------------------------------------------------- processes and devices
+
+def setup(args):
+    """One process per device, as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE); plain python is rank 0 of 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # logprobs.py's fp32 matmuls on tensor cores
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.fsdp and world == 1:
+        raise ValueError("--fsdp shards over processes: start it with torchrun --nproc_per_node N (N > 1)")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    torch.manual_seed(args.seed)
+    return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, main=rank == 0,
+                           autocast=autocast, owns_group=owns_group)
+
+
+def finish(env):
+    if env.owns_group:
+        dist.destroy_process_group()
+
+
+def barrier(env):
+    if env.world > 1:
+        dist.barrier()
+
+
+def reduce_sum(env, values):
+    """Sum a dict of scalar tensors over processes with one collective; returns floats."""
+    keys = sorted(values)
+    packed = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(env.device)
+    if env.world > 1:
+        dist.all_reduce(packed)
+    return dict(zip(keys, packed.tolist()))
+
+
+def say(env, *msg):
+    if env.main:
+        print(*msg, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+def read_jsonl(path, keys, limit=None):
+    """The first `limit` objects of a JSONL file; each must hold string values for `keys`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run data/<name>/prepare.py --out-dir {path.parent}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in keys if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
+            if missing:
+                raise ValueError(f"{path}:{n}: needs string field(s) {', '.join(missing)}")
+            rows.append({k: row[k] for k in keys})
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def encode(tok, prompt, responses, max_length):
+    """(input_ids, labels) for prompt + each response + EOS, all sharing one truncated prompt.
+
+    Labels are the ids on response tokens and IGNORE on the prompt, so only the response is
+    scored. When too long, a response keeps at least half the budget and the prompt loses
+    tokens from its middle: its start (subreddit, title) and its last line, the instruction
+    the model answers ("TL;DR:", "Assistant:"), survive. Pairs share the prompt cut so
+    that chosen and rejected are scored on the same context.
+    """
+    p = tok.encode(prompt)
+    rs = [tok.encode(r) + [tok.eos_id] for r in responses]
+    r_budget = max(max_length - len(p), max_length // 2)
+    rs = [r[:r_budget] for r in rs]
+    p_budget = max_length - max(len(r) for r in rs)
+    if len(p) > p_budget:
+        last_line = prompt[prompt.rstrip().rfind("\n"):]  # "\nTL;DR:"; the whole prompt if it has no newline
+        n_tail = min(len(tok.encode(last_line)), p_budget // 2)
+        p = p[:p_budget - n_tail] + p[len(p) - n_tail:]
+    return [(p + r, [IGNORE] * len(p) + r) for r in rs]
+
+
+def collate(seqs, pad_id, device):
+    """Right-pad (input_ids, labels) pairs into [B, T] tensors; padding has mask 0 and label IGNORE."""
+    T = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (x, y) in enumerate(seqs):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def make_plan(args, env, n_examples):
+    """Steps, accumulation and checkpoint steps for `n_examples` training examples."""
+    B, W = args.batch_size, env.world
+    micro = args.micro_batch_size or min(8, max(1, B // W))
+    if B % (micro * W):
+        raise ValueError(f"--batch-size {B} must be a multiple of --micro-batch-size {micro} × {W} processes")
+    steps_per_epoch = n_examples // B  # the last partial batch is dropped: every step has the full batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n_examples} training examples are fewer than --batch-size {B}")
+    total = steps_per_epoch * args.epochs
+    checkpoint_steps = sorted({max(1, round(total * k / args.checkpoints)) for k in range(1, args.checkpoints + 1)})
+    return SimpleNamespace(n_examples=n_examples, batch_size=B, micro=micro, accum=B // (micro * W),
+                           steps_per_epoch=steps_per_epoch, total_steps=total, checkpoint_steps=checkpoint_steps,
+                           seed=args.seed, rank=env.rank, world=W)
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation fixed by (seed, epoch) alone."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def micro_batch_indices(plan, step):
+    """This process's example indices at `step`: its contiguous 1/world of the global batch, in micro-batches."""
+    epoch, k = divmod(step, plan.steps_per_epoch)
+    batch = epoch_order(plan.n_examples, plan.seed, epoch)[k * plan.batch_size:(k + 1) * plan.batch_size]
+    per_rank = plan.batch_size // plan.world
+    mine = batch[plan.rank * per_rank:(plan.rank + 1) * per_rank]
+    return [mine[i:i + plan.micro].tolist() for i in range(0, per_rank, plan.micro)]
+
+
+def shard(n, env, micro):
+    """Micro-batches of this process's contiguous share of range(n), the same count on every process
+    (FSDP needs every process in every forward); n is cut to a multiple of the world size."""
+    per_rank = n // env.world
+    start = env.rank * per_rank
+    return [list(range(start + i, start + min(i + micro, per_rank))) for i in range(0, per_rank, micro)]
+
+
+# ---------------------------------------------------------------- models
+
+def model_dir(path):
+    """A run directory stands for its newest checkpoint: `out/sft` and `out/sft/latest` both work."""
+    p = Path(path)
+    return p / "latest" if (p / "latest").exists() else p
+
+
+def load_model(name_or_dir, seed, device):
+    """A Pythia name or checkpoint directory, in float32. A directory with config.json but no weights
+    starts from a random init seeded by `seed` (the offline miniature task trains from scratch)."""
+    d = model_dir(name_or_dir)
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if d.is_dir() and (d / "config.json").is_file() and not any((d / w).exists() for w in weights):
+        torch.manual_seed(seed)
+        return GPTNeoX(Config.from_dict(json.loads((d / "config.json").read_text()))).to(device)
+    return GPTNeoX.from_pretrained(str(d), device=device)
+
+
+def wrap(model, env, fsdp):
+    """DDP replicates the model and all-reduces gradients; FSDP shards each block and the rest."""
+    if fsdp:
+        for block in model.gpt_neox.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if env.world > 1 and any(p.requires_grad for p in model.parameters()):
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def freeze(model):
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(args, model):
+    if args.optimizer == "rmsprop":  # App. B; torch defaults alpha 0.99, eps 1e-8 as the DPO reference code
+        return torch.optim.RMSprop(model.parameters(), lr=args.lr)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+
+
+def lr_at(step, args):
+    """Linear warmup over `--warmup` steps, then constant (App. B; the DPO reference code's schedule)."""
+    return args.lr * min(1.0, (step + 1) / (args.warmup + 1))
+
+
+def set_grad_sync(model, sync):
+    """DDP all-reduces gradients only on the last micro-step; this is read by its forward, so it
+    is set before that forward. FSDP reduce-scatters every micro-step instead: skipping it would
+    keep full, unsharded gradients, the memory FSDP is there to save."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+
+
+def train_step(model, optimizer, batches, loss_fn, env, args, step):
+    """Optimizer step `step` over this process's micro-batches; returns stats averaged over the global batch.
+
+    `loss_fn(model, batch) -> (mean loss, {name: per-example tensor})`. Each micro-batch loss is
+    a mean over its examples, so dividing by the number of micro-batches (and DDP's mean over
+    processes) makes the gradient the mean over the whole global batch. A non-finite loss or
+    gradient norm stops the run before the optimizer touches the weights.
+    """
+    lr = lr_at(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums = {}
+    for i, batch in enumerate(batches):
+        set_grad_sync(model, i == len(batches) - 1)
+        with env.autocast:
+            loss, stats = loss_fn(model, batch)
+        (loss / len(batches)).backward()
+        stats = dict(stats, examples=torch.ones_like(stats["loss"]), tokens=batch["attention_mask"].sum())
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v.detach().sum()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
+    sums = reduce_sum(env, sums)
+    n = sums.pop("examples")
+    out = {k: v if k == "tokens" else v / n for k, v in sums.items()}
+    out.update(lr=lr, grad_norm=float(grad_norm))
+    if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
+        latest = Path(args.out) / "latest"
+        kept = f"the last good checkpoint is {latest.resolve()}" if latest.exists() else "no checkpoint was written"
+        raise FloatingPointError(f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at step "
+                                 f"{step + 1}: stopped; {kept} (try a lower --lr, or check the data)")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+# ---------------------------------------------------------------- run directory, checkpoints, resume
+
+def _write_atomic(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_out(args, env):
+    """Create the run directory, or find the checkpoint to resume from.
+
+    Returns None for a fresh run, else the newest complete checkpoint's trainer_state
+    (with its directory under "dir"). metrics.jsonl is cut back to that checkpoint's step,
+    so a resumed run's log reads as one run.
+    """
+    out = Path(args.out)
+    flags = {k: v for k, v in vars(args).items()}
+    args_file, latest = out / "args.json", out / "latest"
+    if args_file.exists():
+        old = json.loads(args_file.read_text())
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in flags.items()
+                   if k not in FLAGS_THAT_MAY_CHANGE_ON_RESUME and old.get(k) != v]
+        if changed:
+            raise ValueError(f"{out} holds a run started with other flags ({'; '.join(changed)}): "
+                             f"use a new --out, or the original flags to resume it")
+    state = None
+    if latest.exists():
+        state = json.loads((latest / "trainer_state.json").read_text())
+        state["dir"] = str(latest.resolve())
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not args_file.exists():
+            _write_atomic(args_file, json.dumps(flags, indent=2) + "\n")
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():
+            keep = [l for l in metrics.read_text().splitlines() if state and json.loads(l)["step"] <= state["step"]]
+            _write_atomic(metrics, "".join(l + "\n" for l in keep))
+    barrier(env)
+    if state and state["step"] < state["total_steps"]:
+        rng = state["rng"][min(env.rank, len(state["rng"]) - 1)]
+        torch.set_rng_state(_rng_from(rng["torch"]))
+        if rng["cuda"] and env.device.type == "cuda":
+            torch.cuda.set_rng_state(_rng_from(rng["cuda"]), env.device)
+        say(env, f"resuming from {state['dir']} (step {state['step']}/{state['total_steps']})")
+    return state
+
+
+def finished(state, env):
+    if state and state["step"] >= state["total_steps"]:
+        say(env, f"run already finished: {state['dir']} is the final checkpoint; nothing to do")
+        return True
+    return False
+
+
+def _rng_to(t):
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _rng_from(s):
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, extra=None):
+    """Write out/ckpt-<examples>/ completely under a temporary name, rename it, then point `latest` at it.
+
+    A kill at any moment leaves `latest` naming a complete checkpoint. Collective: every
+    process calls it (FSDP gathers full tensors; each process's RNG state is recorded).
+    `extra` maps file names to JSON objects written alongside (daa.py's eval.json).
+    """
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=full)
+    optim = get_optimizer_state_dict(model, optimizer, options=full)
+    rng = {"torch": _rng_to(torch.get_rng_state()),
+           "cuda": _rng_to(torch.cuda.get_rng_state(env.device)) if env.device.type == "cuda" else None}
+    rngs = [None] * env.world
+    if env.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if env.main:
+        out = Path(args.out)
+        name = f"ckpt-{step * plan.batch_size}"
+        tmp, final = out / f"{name}.tmp", out / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.device("meta"):
+            cpu_model = GPTNeoX(unwrap(model).config)
+        cpu_model.load_state_dict(weights, assign=True)
+        cpu_model.save_pretrained(tmp)  # config.json + model.safetensors, the HF GPT-NeoX layout
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        save_optimizer(optim, tmp / "optimizer.safetensors")
+        state = {"step": step, "total_steps": plan.total_steps, "examples": step * plan.batch_size,
+                 "epoch": step / plan.steps_per_epoch, "fraction": step / plan.total_steps, "seed": plan.seed,
+                 "world_size": env.world, "rng": rngs}
+        for fname, obj in {"trainer_state.json": state, **(extra or {})}.items():
+            (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
+        if final.exists():  # left by a run killed between this rename and the `latest` update
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        link = out / "latest.tmp"
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        os.replace(link, out / "latest")  # atomic: `latest` always names a complete checkpoint
+        say(env, f"saved {final}")
+    barrier(env)
+
+
+def save_optimizer(optim_state, path):
+    """Optimizer state as safetensors: tensors under "<param name>/<key>", the rest as JSON metadata."""
+    tensors, scalars = {}, {}
+    for name, st in optim_state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{name}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}/{k}"] = v
+    meta = {"param_groups": json.dumps(optim_state["param_groups"]), "scalars": json.dumps(scalars)}
+    save_file(tensors, f"{path}.tmp", metadata=meta)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_optimizer(path):
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        for key in f.keys():
+            name, k = key.rsplit("/", 1)
+            state.setdefault(name, {})[k] = f.get_tensor(key)
+    for key, v in json.loads(meta["scalars"]).items():
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = v
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+
+
+def load_optimizer(model, optimizer, ckpt_dir):
+    """Every process reads the full state; FSDP keeps its shard of it."""
+    set_optimizer_state_dict(model, optimizer, read_optimizer(Path(ckpt_dir) / "optimizer.safetensors"),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ---------------------------------------------------------------- metrics and progress
+
+def log_metrics(args, env, record):
+    if env.main:
+        with open(Path(args.out) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def log_step(args, env, plan, step, stats, clock):
+    """metrics.jsonl every step; a progress line with rates and ETA every --log-interval steps (rank 0).
+
+    `clock` holds the start time and step of this process, so rates cover this process's work.
+    """
+    now = time.time()
+    dt = max(now - clock["last"], 1e-9)
+    clock["last"] = now
+    clock["tokens"] += stats["tokens"]
+    record = {"step": step, "examples": step * plan.batch_size, **stats,
+              "examples_per_s": plan.batch_size / dt, "tokens_per_s": stats["tokens"] / dt}
+    log_metrics(args, env, record)
+    if step % args.log_interval and step != plan.total_steps:
+        return
+    done, elapsed = step - clock["start_step"], now - clock["start"]
+    say(env, f"step {step}/{plan.total_steps} ({100 * step / plan.total_steps:.0f}%) | loss {stats['loss']:.4f} | "
+             f"lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | "
+             f"{done * plan.batch_size / elapsed:.1f} examples/s | {clock['tokens'] / elapsed:.0f} tokens/s | "
+             f"ETA {eta(clock['start'], done, plan.total_steps - clock['start_step'])}")
+
+
+def eta(t0, done, total):
+    """h:mm:ss left, extrapolating the rate since t0."""
+    s = (total - done) * (time.time() - t0) / max(done, 1)
+    return f"{int(s // 3600)}:{int(s % 3600 // 60):02d}:{int(s % 60):02d}"
+
+
+def start_clock(step):
+    now = time.time()
+    return {"start": now, "last": now, "start_step": step, "tokens": 0}
