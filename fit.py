@@ -206,29 +206,35 @@ def _json(path):
         raise ValueError(f"{path}: not JSON ({e.msg})") from None
 
 
+def _model_name(args):
+    """sft.py's --model; for daa.py, the --model of the SFT run that its --init points into."""
+    if "model" in args:
+        return str(args["model"])
+    init = Path(str(args.get("init", "")))
+    for run in (init, init.parent):  # out/sft, or out/sft/ckpt-N and out/sft/latest
+        if "model" in (sft_args := _json(run / "args.json")):
+            return str(sft_args["model"])
+    return str(args.get("init", "model"))
+
+
 def read_run(run):
     """Rows, one per sampled checkpoint, of a run directory written by daa.py, sample.py and judge.py.
 
     The one place that knows the run-directory layout (DESIGN.md, "Files on
-    disk"): if file or key names change, adapt them here.
+    disk"): if file or key names change, adapt them here. A run without a loss
+    (sft.py's) gives SFT rows: fraction 0, the start of every DAA curve.
     """
     run = Path(run)
     args = _json(run / "args.json")
-    loss = str(args.get("loss", "sft"))
-    model = str(args.get("model") or args.get("init") or run.name)
-    evals = {}  # held-out eval rows of metrics.jsonl by examples seen
-    if (run / "metrics.jsonl").exists():
-        evals = {m.get("examples"): m for _, m in _jsonl(run / "metrics.jsonl") if "eval/loss" in m}
+    loss, model = str(args.get("loss", "sft")), _model_name(args)
     rows = []
     for path in sorted(run.glob("samples-*.jsonl")):
-        tag = path.name[len("samples-"):-len(".jsonl")]  # "ckpt-1024", or "sft"
-        examples = int(m.group()) if (m := re.search(r"\d+$", tag)) else 0
-        ev = evals.get(examples, {})
-        state = _json(run / f"ckpt-{examples}" / "trainer_state.json")
-        fraction = 0.0 if loss == "sft" or examples == 0 else state.get("fraction", ev.get("fraction"))
+        tag = path.name[len("samples-"):-len(".jsonl")]  # the checkpoint directory: ckpt-<examples>, latest
+        state, ev = _json(run / tag / "trainer_state.json"), _json(run / tag / "eval.json")
+        fraction = 0.0 if loss == "sft" else state.get("fraction")
         if fraction is None:
-            raise ValueError(f"{run}: no fraction of the epoch for {tag} (in ckpt-{examples}/trainer_state.json "
-                             "or the metrics.jsonl eval row)")
+            raise ValueError(f"{run}: {path.name} has no checkpoint {tag}/trainer_state.json with the fraction of "
+                             "the epoch")
         judgments = run / f"judgments-{tag}.jsonl"
         try:
             samples = [s for _, s in _jsonl(path)]
@@ -240,7 +246,7 @@ def read_run(run):
         gamma, r2 = length_regression(lengths, logratios) if len(samples) >= 3 else (NAN, NAN)
         rows.append(to_row({
             "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction,
-            "win_rate": wins.mean() if len(wins) else None,
+            "win_rate": wins.mean() if len(wins) else None,  # as judge.py's summary
             "win_rate_se": wins.std(ddof=1) / math.sqrt(len(wins)) if len(wins) > 1 else None,
             "kl": _json(run / f"samples-{tag}.summary.json").get("kl", np.mean(logratios) if samples else None),
             "forward_kl": -ev["eval/logratio_chosen"] if "eval/logratio_chosen" in ev else None,  # Eq. 7

@@ -250,22 +250,23 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
 
 
 def _write_run(root, model, loss, beta, rng, y0):
-    """A run directory as daa.py + sample.py + judge.py lay it out (DESIGN.md, "Files on disk")."""
-    run = root / (f"{model}-{loss}-{beta}" if loss else f"{model}-sft")
+    """A run directory as sft.py/daa.py + sample.py + judge.py lay it out (DESIGN.md, "Files on disk")."""
+    sft = root / f"{model}-sft"
+    run = root / f"{model}-{loss}-{beta}" if loss else sft
     run.mkdir()
-    args = {"model": model} | ({"loss": loss, "beta": beta} if loss else {})
+    args = {"init": str(sft / "latest"), "loss": loss, "beta": beta} if loss else {"model": model}
     (run / "args.json").write_text(json.dumps(args))
-    metrics, n = [], 16
-    for examples in ((256, 512, 768, 1024) if loss else (0,)):
-        fraction = examples / 1024
+    n = 16
+    for examples in (256, 512, 768, 1024) if loss else (2048,):
+        fraction = examples / 1024 if loss else 1.0  # an SFT checkpoint's fraction is of the SFT epoch
         kl = 40 * fraction / (beta * 20) if loss else 0.0
-        tag = f"ckpt-{examples}" if loss else "sft"
+        tag = f"ckpt-{examples}"
+        (run / tag).mkdir()
+        (run / tag / "trainer_state.json").write_text(json.dumps({"examples": examples, "fraction": fraction}))
         if loss:
-            (run / tag).mkdir()
-            (run / tag / "trainer_state.json").write_text(json.dumps({"examples": examples, "fraction": fraction}))
-            metrics += [{"step": examples // 128, "examples": examples, "loss": 0.6},
-                        {"step": examples // 128, "examples": examples, "eval/loss": 0.69 - 0.004 * kl,
-                         "eval/accuracy": 0.5 + 0.005 * kl, "eval/logratio_chosen": -0.4 * kl}]
+            (run / tag / "eval.json").write_text(json.dumps({
+                "eval/examples": 100, "eval/loss": 0.69 - 0.004 * kl, "eval/accuracy": 0.5 + 0.005 * kl,
+                "eval/logratio_chosen": -0.4 * kl}))
         lengths = rng.integers(10, 60, n)
         logratios = kl + 0.01 * math.sqrt(kl) * (lengths - 35) + rng.normal(0, 0.3 if loss else 0.0, n)
         (run / f"samples-{tag}.jsonl").write_text("".join(json.dumps(
@@ -275,27 +276,36 @@ def _write_run(root, model, loss, beta, rng, y0):
         wins = (np.arange(n) < round(p * n)).astype(float)
         (run / f"judgments-{tag}.jsonl").write_text("".join(
             json.dumps({"id": i, "win": wins[i], "verdict": "A"}) + "\n" for i in range(n)))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return run
 
 
 def test_every_figure_from_synthetic_run_directories(tmp_path, capsys):
     rng = np.random.default_rng(5)
-    runs = [_write_run(tmp_path, model, loss, beta, rng, y0)
-            for model, y0 in (("pythia-410m", 0.3), ("pythia-1b", 0.35))
-            for loss in ("dpo", "ipo", "slic") for beta in (0.05, 0.1, 0.5)]
-    runs += [_write_run(tmp_path, model, None, None, rng, y0)
-             for model, y0 in (("pythia-410m", 0.3), ("pythia-1b", 0.35))]
-    rows = fit.read_run(runs[0])
+    sizes = (("pythia-410m", 0.3), ("pythia-1b", 0.35))
+    runs = [_write_run(tmp_path, model, None, None, rng, y0) for model, y0 in sizes]
+    runs += [_write_run(tmp_path, model, loss, beta, rng, y0)
+             for model, y0 in sizes for loss in ("dpo", "ipo", "slic") for beta in (0.05, 0.1, 0.5)]
+    rows = fit.read_run(runs[2])
     assert [r["fraction"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
     r = rows[-1]
+    assert (r["model"], r["loss"], r["beta"]) == ("pythia-410m", "dpo", 0.05)  # model from the SFT run's args
     assert r["forward_kl"] == pytest.approx(0.4 * 40 / (0.05 * 20))  # Eq. 7: −mean chosen log-ratio
     assert r["eval_accuracy"] == pytest.approx(0.5 + 0.005 * 40) and r["length_r2"] > 0.5
-    wins = [json.loads(line)["win"] for line in (runs[0] / "judgments-ckpt-1024.jsonl").read_text().splitlines()]
+    wins = [json.loads(line)["win"] for line in (runs[2] / "judgments-ckpt-1024.jsonl").read_text().splitlines()]
     assert r["win_rate"] == pytest.approx(np.mean(wins)) and r["win_rate_se"] == pytest.approx(
         np.std(wins, ddof=1) / 4)
-    sft = fit.read_run(runs[-1])
-    assert len(sft) == 1 and fit.is_sft(sft[0]) and sft[0]["kl"] == 0 and math.isnan(sft[0]["length_r2"])
+    sft = fit.read_run(runs[0])
+    assert len(sft) == 1 and sft[0]["fraction"] == 0 and sft[0]["loss"] == "sft" and sft[0]["model"] == "pythia-410m"
+    assert sft[0]["kl"] == 0 and math.isnan(sft[0]["length_r2"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "args.json").write_text('{"loss": "dpo", "beta": 0.1}')
+    (tmp_path / "bad" / "samples-ckpt-9.jsonl").write_text('{"length": 3}\n')
+    with pytest.raises(ValueError, match="ckpt-9/trainer_state.json"):
+        fit.read_run(tmp_path / "bad")
+    (tmp_path / "bad" / "ckpt-9").mkdir()
+    (tmp_path / "bad" / "ckpt-9" / "trainer_state.json").write_text('{"fraction": 0.5}')
+    with pytest.raises(ValueError, match="ckpt-9: a sample or judgment has no key 'policy_logp'"):
+        fit.read_run(tmp_path / "bad")
 
     out = tmp_path / "figs"
     fit.main([str(r) for r in runs] + ["--out", str(out), "--dpi", "50"])
