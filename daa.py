@@ -170,15 +170,15 @@ def main(argv=None):
     if args.beta <= 0:
         raise ValueError(f"--beta must be positive, got {args.beta}")
     env = training.setup(args)
-    state = training.prepare_out(args, env)
-    if training.finished(state, env):
-        return training.finish(env)
     tok = load_tokenizer(training.model_dir(args.init))
     data = Path(args.data)
     pairs = training.read_jsonl(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
     eval_pairs = (training.read_jsonl(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
                   if args.eval_examples else [])
     plan = training.make_plan(args, env, len(pairs))
+    state = training.prepare_out(args, env)
+    if training.finished(state, env):
+        return training.finish(env)
     start = state["step"] if state else 0
 
     policy = training.load_model(state["dir"] if state else args.init, args.seed, env.device)

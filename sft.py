@@ -41,12 +41,12 @@ def sft_loss(model, batch):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     env = training.setup(args)
-    state = training.prepare_out(args, env)
-    if training.finished(state, env):
-        return training.finish(env)
     tok = load_tokenizer(training.model_dir(args.model))
     data = training.read_jsonl(Path(args.data) / "sft_train.jsonl", ("prompt", "response"), args.max_examples)
     plan = training.make_plan(args, env, len(data))
+    state = training.prepare_out(args, env)
+    if training.finished(state, env):
+        return training.finish(env)
     model = training.load_model(state["dir"] if state else args.model, args.seed, env.device)
     model = training.wrap(model, env, args.fsdp)
     optimizer = training.make_optimizer(args, model)

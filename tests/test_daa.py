@@ -1,0 +1,152 @@
+"""daa.py: the losses of Eq. 4 by hand, and short runs of the training script (resume, reference, eval, NaN)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_training import RUN, max_diff, weights, write_inputs
+
+import daa  # noqa: E402  (test_training put the repository root on sys.path)
+import logprobs  # noqa: E402
+import sft  # noqa: E402
+import training  # noqa: E402
+
+# Two pairs. Pair 0: log-ratios +1 (chosen) and −1 (rejected), h = 2. Pair 1: 0 and +1, h = −1.
+POLICY_CHOSEN, POLICY_REJECTED = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0])
+REF_CHOSEN, REF_REJECTED = torch.tensor([-11.0, -5.0]), torch.tensor([-11.0, -5.0])
+BETA = 0.5  # βh = 1 and −0.5
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+@pytest.mark.parametrize("loss,alpha,expected", [
+    ("dpo", 0.0, [softplus(-1.0), softplus(0.5)]),  # −log σ(βh) = log(1 + e^(−βh))
+    ("slic", 0.0, [0.0, 1.5]),  # max(0, 1 − βh)
+    ("ipo", 0.0, [(2 - 1) ** 2, (-1 - 1) ** 2]),  # (h − 1/(2β))², 1/(2β) = 1
+    # length regulariser, α = 0.1, |y_w| − |y_l| = 5 and 0: margins 1 − 0.5 = 0.5 and −0.5
+    ("dpo", 0.1, [softplus(-0.5), softplus(0.5)]),
+    ("slic", 0.1, [0.5, 1.5]),
+    ("ipo", 0.1, [0.0, 4.0]),  # ((margin − 1/2) / β)²
+])
+def test_daa_loss_by_hand(loss, alpha, expected):
+    losses, chosen_rewards, rejected_rewards = daa.daa_loss(
+        POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, BETA, loss,
+        length_alpha=alpha, chosen_lengths=torch.tensor([10, 3]), rejected_lengths=torch.tensor([5, 3]))
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert chosen_rewards.tolist() == [0.5, 0.0] and rejected_rewards.tolist() == [-0.5, 0.5]  # β·log-ratio
+
+
+def test_dpo_gradient_raises_the_chosen_log_ratio():
+    chosen = POLICY_CHOSEN.clone().requires_grad_()
+    rejected = POLICY_REJECTED.clone().requires_grad_()
+    losses, _, _ = daa.daa_loss(chosen, rejected, REF_CHOSEN, REF_REJECTED, BETA, "dpo")
+    losses.sum().backward()
+    sigma = [1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-0.5))]  # σ(−βh)
+    assert chosen.grad.tolist() == pytest.approx([-BETA * s for s in sigma])  # ∂/∂log π(y_w) = −β σ(−βh) < 0
+    assert rejected.grad.tolist() == pytest.approx([BETA * s for s in sigma])
+    step = chosen.detach() - 0.1 * chosen.grad
+    assert ((step - REF_CHOSEN) > (chosen.detach() - REF_CHOSEN)).all()  # a descent step raises the chosen log-ratio
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss 'kto'"):
+        daa.daa_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, BETA, "kto")
+
+
+# ---------------------------------------------------------------- the training script
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An SFT run (2 steps) whose `latest` is the DAA runs' --init, and a reference DAA run (3 steps)."""
+    tmp = tmp_path_factory.mktemp("daa")
+    model_dir, data = write_inputs(tmp)
+    sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp / "sft"), *RUN, "--max-examples", "8"])
+    args = ["--init", str(tmp / "sft" / "latest"), "--data", str(data), *RUN, "--max-examples", "12",
+            "--checkpoints", "3", "--eval-examples", "4", "--loss", "ipo", "--beta", "0.5"]
+    daa.main([*args, "--out", str(tmp / "reference")])
+    return tmp, args
+
+
+def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, monkeypatch, capsys):
+    tmp, args = inputs
+    out = tmp / "killed"
+    real = training.save_optimizer
+    calls = []
+
+    def die_in_second_checkpoint(*a):  # the process dies half-way through writing ckpt-8
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(*a)
+    monkeypatch.setattr(training, "save_optimizer", die_in_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        daa.main([*args, "--out", str(out)])
+    assert Path(out / "latest").resolve().name == "ckpt-4" and (out / "ckpt-8.tmp" / "model.safetensors").exists()
+    monkeypatch.undo()
+
+    daa.main([*args, "--out", str(out)])  # the same command again
+    assert "resuming from" in capsys.readouterr().out
+    assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp / "reference" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss"), r.get("eval/loss")) for r in logged] == \
+           [(r["step"], r.get("loss"), r.get("eval/loss")) for r in reference]
+
+    daa.main([*args, "--out", str(out)])  # finished: says so and returns
+    assert "run already finished" in capsys.readouterr().out
+
+
+def test_precomputed_reference_equals_live_reference(inputs):
+    tmp, args = inputs
+    daa.main([*args, "--precompute-ref", "--out", str(tmp / "precomputed")])
+    assert max_diff(weights(tmp / "precomputed"), weights(tmp / "reference")) <= 1e-6
+    ev = json.loads((tmp / "precomputed" / "latest" / "eval.json").read_text())
+    assert ev == json.loads((tmp / "reference" / "latest" / "eval.json").read_text())
+
+
+def test_eval_metrics_at_every_checkpoint(inputs):
+    tmp, _ = inputs
+    run = tmp / "reference"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if "eval/loss" in r]
+    assert [r["examples"] for r in evals] == [4, 8, 12]
+    for r in evals:
+        assert r == {"step": r["step"], "examples": r["examples"],
+                     **json.loads((run / f"ckpt-{r['examples']}" / "eval.json").read_text())}
+        assert r["eval/examples"] == 4 and 0 <= r["eval/accuracy"] <= 1
+        assert r["eval/margin"] == pytest.approx(0.5 * (r["eval/logratio_chosen"] - r["eval/logratio_rejected"]), rel=1e-4)
+        assert r["eval/rewards_chosen"] == pytest.approx(0.5 * r["eval/logratio_chosen"], rel=1e-4)
+    train = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and train[0]["rewards/margin"] == 0  # policy = reference at step 1
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "logps/chosen", "logps/rejected",
+                "lr", "grad_norm", "tokens_per_s", "examples_per_s"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    state = json.loads((run / "ckpt-8" / "trainer_state.json").read_text())
+    assert (state["step"], state["examples"], state["total_steps"], state["fraction"]) == (2, 8, 3, 2 / 3)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, monkeypatch):
+    tmp, args = inputs
+    out = tmp / "nan"
+    real_logps, real_save = logprobs.sequence_logps, training.save_checkpoint
+    poisoned = []
+
+    def save_then_poison(*a, **kw):
+        real_save(*a, **kw)
+        poisoned.append(True)
+
+    def logps(*a, **kw):
+        return real_logps(*a, **kw) * (math.nan if poisoned else 1.0)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(logprobs, "sequence_logps", logps)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\).* at step 2: stopped; the last good "
+                                                 r"checkpoint is .*ckpt-4"):
+        daa.main([*args, "--out", str(out)])
+    assert Path(out / "latest").resolve().name == "ckpt-4" and not (out / "ckpt-8").exists()
+    assert all(torch.isfinite(v).all() for v in load_file(out / "ckpt-4" / "model.safetensors").values())

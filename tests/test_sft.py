@@ -1,0 +1,68 @@
+"""sft.py: the loss against a full-softmax oracle, a run from random init, transformers loads its checkpoints."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_training import ROOT, RUN, TINY, weights, write_inputs
+
+import daa  # noqa: E402  (test_training put the repository root on sys.path)
+import sft  # noqa: E402
+import training  # noqa: E402
+from model import GPTNeoX  # noqa: E402
+
+
+def test_loss_is_summed_response_nll_averaged_over_sequences():
+    torch.manual_seed(0)
+    model = GPTNeoX(TINY)
+    batch = training.collate([([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([11, 12, 13], [-100, 12, 13])], 0, "cpu")
+    loss, stats = sft.sft_loss(model, batch)
+    logp = F.log_softmax(model(batch["input_ids"], batch["attention_mask"]), dim=-1)  # the naive way, full logits
+    nll = [-sum(logp[b, t - 1, batch["input_ids"][b, t]] for t in ts) for b, ts in [(0, [2, 3, 4]), (1, [1, 2])]]
+    assert stats["loss"].tolist() == pytest.approx([x.item() for x in nll], rel=1e-5)
+    assert loss.item() == pytest.approx((nll[0] + nll[1]).item() / 2, rel=1e-5)
+    assert stats["response_tokens"].tolist() == [3, 2]
+
+
+def test_random_init_run_learns_and_transformers_loads_its_checkpoints(tmp_path):
+    model_dir, data = write_inputs(tmp_path, weights=False)  # config.json + tokenizer.json only
+    assert training.load_model(model_dir, seed=7, device="cpu").state_dict().keys() == GPTNeoX(TINY).state_dict().keys()
+    torch.manual_seed(7)
+    init = GPTNeoX(TINY).state_dict()
+    assert all(torch.equal(v, init[k]) for k, v in training.load_model(model_dir, 7, "cpu").state_dict().items())
+
+    out = tmp_path / "sft"
+    sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(out), *RUN, "--max-examples", "8",
+              "--epochs", "3", "--checkpoints", "2", "--optimizer", "adamw", "--seed", "7"])
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 6 and logged[-1]["loss"] < logged[0]["loss"] - 1  # third pass over the same 8 examples
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-12", "ckpt-24", "latest", "metrics.jsonl"]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"):
+        assert (out / "latest" / f).is_file(), f
+
+    from transformers import GPTNeoXForCausalLM
+    hf = GPTNeoXForCausalLM.from_pretrained(out / "latest").eval()
+    ours = training.load_model(out, seed=0, device="cpu").eval()  # a run directory stands for its `latest`
+    assert max(v.abs().max().item() for v in weights(out).values()) > 0
+    ids = torch.tensor([[5, 17, 300, 2000, 9]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
+
+
+def test_every_flag_is_explained():
+    for parser in (sft.get_parser(), daa.get_parser()):
+        for action in parser._actions:
+            assert action.help, action.option_strings
+    assert "random init" in sft.get_parser().format_help()
+
+
+def test_bad_flags_exit_with_one_line_and_write_nothing(tmp_path):
+    model_dir, data = write_inputs(tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(model_dir), "--data", str(data),
+                        "--out", str(tmp_path / "out"), "--batch-size", "3", "--micro-batch-size", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and not (tmp_path / "out").exists()
+    assert r.stderr.strip().splitlines() == ["error: --batch-size 3 must be a multiple of --micro-batch-size 2 × 1 processes"]
