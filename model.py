@@ -243,12 +243,11 @@ class GPTNeoX(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cache = KVCache(self.config, B, T + max_new_tokens, self.embed_out.weight.dtype, input_ids.device) if use_cache else None
-        ids, mask = input_ids, attention_mask
+        x, mask = input_ids, attention_mask  # x: what the next forward reads (only new tokens with a cache)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new = []
-        step_in = ids
-        for step in range(max_new_tokens):
-            h = self(step_in if use_cache else ids, mask, kv_cache=cache, return_hidden=True)[:, -1]
+        for _ in range(max_new_tokens):
+            h = self(x, mask, kv_cache=cache, return_hidden=True)[:, -1]  # unembed the last position only
             nxt = sample_token(self.embed_out(h).float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -256,8 +255,7 @@ class GPTNeoX(nn.Module):
             new.append(nxt)
             if eos_id is not None and bool(done.all()):
                 break
-            step_in = nxt[:, None]
-            ids = torch.cat((ids, step_in), dim=1) if not use_cache else ids
+            x = nxt[:, None] if use_cache else torch.cat((x, nxt[:, None]), dim=1)
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
         return torch.stack(new, dim=1) if new else input_ids.new_zeros(B, 0)
 
