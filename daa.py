@@ -129,24 +129,27 @@ def make_loss_fn(args, reference):
     return loss_fn
 
 
-def live_reference(ref, env):
-    def reference(batch):
-        with torch.no_grad(), env.autocast:
-            return pair_logps(ref, batch)
-    return reference
+def ref_logps(ref, batch, env):
+    with torch.no_grad(), env.autocast:
+        return pair_logps(ref, batch)
 
 
-def precompute_reference(ref, batches, n_batches, env):
-    """Run π_ref once over every batch this process will see; returns a reference(batch) that looks them up."""
+def precompute(ref, batches, n_batches, env):
+    """π_ref's log-probs of every pair in `batches`: {(split, index): (chosen, rejected)}."""
     table, t0 = {}, time.time()
     for k, batch in enumerate(batches, 1):
-        chosen, rejected = live_reference(ref, env)(batch)
+        chosen, rejected = ref_logps(ref, batch, env)
         table.update(((batch["split"], i), (c, r)) for i, c, r in zip(batch["idx"], chosen.tolist(), rejected.tolist()))
-        if k % 50 == 0 or k == n_batches:
-            training.say(env, f"reference log-probs: {k}/{n_batches} batches, "
-                              f"ETA {training.eta(t0, k, n_batches)}")
+        if k % 100 == 0 or k == n_batches:
+            training.say(env, f"reference log-probs: {k}/{n_batches} batches, ETA {training.eta(t0, k, n_batches)}")
+    return table
 
+
+def make_reference(ref, table, env):
+    """reference(batch) -> π_ref's (chosen, rejected) log-probs: looked up when precomputed, else computed."""
     def reference(batch):
+        if (batch["split"], batch["idx"][0]) not in table:
+            return ref_logps(ref, batch, env)
         logps = torch.tensor([table[batch["split"], i] for i in batch["idx"]], device=batch["input_ids"].device)
         return logps[:, 0], logps[:, 1]
     return reference
@@ -188,13 +191,14 @@ def main(argv=None):
     def batch(idx, split):
         return pair_batch(tok, pairs if split == "train" else eval_pairs, idx, split, args.max_length, env.device)
     eval_idx = training.shard(len(eval_pairs), env, plan.micro)
+    todo = [(idx, "eval") for idx in eval_idx]  # the eval pairs' reference log-probs never change: computed once
     if args.precompute_ref:
-        todo = [(idx, "train") for step in range(start, plan.total_steps)
-                for idx in training.micro_batch_indices(plan, step)] + [(idx, "eval") for idx in eval_idx]
-        reference = precompute_reference(ref, (batch(*t) for t in todo), len(todo), env)
-        del ref  # the reference model's memory is free for training from here on
-    else:
-        reference = live_reference(ref, env)
+        todo += [(idx, "train") for step in range(start, plan.total_steps)
+                 for idx in training.micro_batch_indices(plan, step)]
+    table = precompute(ref, (batch(*t) for t in todo), len(todo), env)
+    if args.precompute_ref:
+        ref = None  # every pair is in the table: the reference model's memory is free for training
+    reference = make_reference(ref, table, env)
     loss_fn = make_loss_fn(args, reference)
     policy = training.wrap(policy, env, args.fsdp)
     optimizer = training.make_optimizer(args, policy)
