@@ -80,15 +80,16 @@ def get_parser():
     p.add_argument("--init", required=True, help="the SFT checkpoint to start from (out/sft, out/sft/latest or "
                    "out/sft/ckpt-N); it is also the reference π_ref unless --ref is given")
     p.add_argument("--ref", default=None, help="a different reference model directory (default: --init)")
-    p.add_argument("--loss", choices=LOSSES, default="dpo", help="g of Eq. 4 (table at the top of daa.py)")
-    p.add_argument("--beta", type=float, default=0.1, help="β of Eq. 4: the strength of the KL constraint; the "
-                   "paper sweeps it")
+    p.add_argument("--loss", choices=LOSSES, default="dpo", help="g of Eq. 4, table above (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=0.1, help="β of Eq. 4, the strength of the KL constraint; the "
+                   "paper sweeps it (default: %(default)s)")
     p.add_argument("--length-alpha", type=float, default=0.0, help="α of Park et al.'s length regulariser, margin "
-                   "βh − α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0 turns it off")
+                   "βh − α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0, the default, turns it off")
     p.add_argument("--precompute-ref", action="store_true", help="one pass computes the reference log-probs of "
                    "every pair, then the reference model is freed (saves its memory during training)")
     p.add_argument("--eval-examples", type=int, default=1000, help="pairs of pref_eval.jsonl scored at every "
-                   "checkpoint (loss, reward accuracy, margin, log-ratios); 0 skips evaluation")
+                   "checkpoint (loss, reward accuracy, margin, log-ratios; eval.json); 0 skips evaluation "
+                   "(default: %(default)s)")
     training.add_args(p, checkpoints=4)
     return p
 
@@ -130,7 +131,7 @@ def make_loss_fn(args, reference):
 
 
 def ref_logps(ref, batch, env):
-    with torch.no_grad(), env.autocast:
+    with torch.no_grad(), env.autocast():
         return pair_logps(ref, batch)
 
 
@@ -158,7 +159,7 @@ def make_reference(ref, table, env):
 def evaluate(model, loss_fn, batches, env):
     """Mean per-pair statistics on the held-out pairs, over all processes (EVAL_KEYS)."""
     sums = {}
-    with torch.no_grad(), env.autocast:
+    with torch.no_grad(), env.autocast():
         for batch in batches:
             _, stats = loss_fn(model, batch)
             stats["examples"] = torch.ones_like(stats["loss"])

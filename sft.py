@@ -5,7 +5,7 @@ given their prompts. The result is both the DAA policy's starting point and its
 reference π_ref (daa.py --init out/sft).
 
     python sft.py --model pythia-70m --data ~/.cache/nanodaa/data/tldr --out out/sft-70m
-    torchrun --nproc_per_node 8 sft.py --model pythia-1b --data ... --out out/sft-1b --lr 1e-6
+    torchrun --nproc_per_node 8 sft.py --model pythia-1b --out out/sft-1b
 
 Re-running the same command on the same --out resumes from its newest checkpoint.
 """

@@ -50,31 +50,35 @@ def add_args(parser, checkpoints):
     p.add_argument("--out", required=True, help="run directory; re-running the same command on it resumes from "
                    "its `latest` checkpoint")
     p.add_argument("--batch-size", type=int, default=128, help="global batch in examples (pairs for DAA), over all "
-                   "processes and accumulation steps (App. B: 128)")
+                   "processes and accumulation steps (default %(default)s, App. B)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="examples per process per forward; "
                    "accumulation = batch / (micro × processes) (default: min(8, batch / processes))")
-    p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (App. B: 5e-7)")
-    p.add_argument("--warmup", type=int, default=150, help="linear warmup steps, then constant (App. B: 150)")
+    p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (default %(default)s, App. B)")
+    p.add_argument("--warmup", type=int, default=150, help="linear warmup steps, then constant "
+                   "(default %(default)s, App. B)")
     p.add_argument("--optimizer", choices=("rmsprop", "adamw"), default="rmsprop",
                    help="RMSprop as the paper and the DPO reference code, or AdamW (weight decay 0)")
     p.add_argument("--max-grad-norm", type=float, default=10.0, help="clip the global gradient norm "
-                   "(10, as the DPO reference code)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training set (App. B: 1)")
+                   "(default %(default)s, as the DPO reference code)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training set (default %(default)s, App. B)")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N training examples "
                    "(quick runs, tests)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate prompt + response to this many tokens; "
-                   "the prompt loses its middle, keeping its start and its last line (TL;DR:, Assistant:)")
-    p.add_argument("--checkpoints", type=int, default=checkpoints, help="checkpoints evenly spaced over the run: "
-                   "4 saves at 25/50/75/100%% (ckpt-<examples seen>/)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data order (with the epoch) and any random init")
+    p.add_argument("--max-length", type=int, default=512, help="truncate prompt + response to this many tokens "
+                   "(default %(default)s, App. B); a long prompt loses the tokens before its last line, keeping its start "
+                   "and the instruction (TL;DR:, Assistant:)")
+    p.add_argument("--checkpoints", type=int, default=checkpoints, help="checkpoints evenly spaced over the run, "
+                   "as ckpt-<examples seen>/; 4 saves at 25/50/75/100%% (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order (with the epoch) and any "
+                   "random init (default %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (one GPU per torchrun process, by LOCAL_RANK) or cpu")
+                   help="cuda (one GPU per torchrun process, by LOCAL_RANK) or "
+                   "cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="autocast compute dtype; "
                    "weights, gradients and optimizer state stay float32 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the "
                    "processes with torch's fully_shard (for models DDP cannot hold, e.g. pythia-6.9b)")
-    p.add_argument("--log-interval", type=int, default=10, help="print a progress line every N steps (rank 0); "
-                   "metrics.jsonl gets every step")
+    p.add_argument("--log-interval", type=int, default=10, help="print a progress line every N steps (rank 0; "
+                   "default %(default)s); metrics.jsonl gets every step")
     return p
 
 
@@ -95,7 +99,9 @@ def setup(args):
     if args.fsdp and world == 1:
         raise ValueError("--fsdp shards over processes: start it with torchrun --nproc_per_node N (N > 1)")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext())
+    # A fresh context per use: one torch.autocast object must not be entered twice (the reference
+    # model's forward runs inside the policy's loss function).
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     torch.manual_seed(args.seed)
     return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, main=rank == 0,
                            autocast=autocast, owns_group=owns_group)
@@ -297,7 +303,7 @@ def train_step(model, optimizer, batches, loss_fn, env, args, step):
     sums = {}
     for i, batch in enumerate(batches):
         set_grad_sync(model, i == len(batches) - 1)
-        with env.autocast:
+        with env.autocast():
             loss, stats = loss_fn(model, batch)
         (loss / len(batches)).backward()
         stats = dict(stats, examples=torch.ones_like(stats["loss"]), tokens=batch["attention_mask"].sum())

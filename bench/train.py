@@ -61,7 +61,7 @@ def worker(variant, pairs, length, steps, model_name):
     ref.load_state_dict(policy.state_dict())
     args = SimpleNamespace(optimizer="rmsprop", lr=5e-7, warmup=150, max_grad_norm=10.0, out="-", beta=0.1,
                            loss="dpo", length_alpha=0.0)
-    env = SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cpu"), autocast=nullcontext())
+    env = SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cpu"), autocast=nullcontext)
     optimizer = training.make_optimizer(args, policy)
     loss_fn = daa.make_loss_fn(args, daa.make_reference(ref, {}, env))
 
