@@ -185,7 +185,9 @@ def main(argv=None):
         return training.finish(env)
     start = state["step"] if state else 0
 
-    policy = training.load_model(state["dir"] if state else args.init, args.seed, env.device)
+    # Load and wrap one model at a time: with --fsdp each is whole on the device only until it is sharded.
+    policy = training.wrap(training.load_model(state["dir"] if state else args.init, args.seed, env.device),
+                           env, args.fsdp)
     ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
                         env, args.fsdp)
 
@@ -201,7 +203,6 @@ def main(argv=None):
         ref = None  # every pair is in the table: the reference model's memory is free for training
     reference = make_reference(ref, table, env)
     loss_fn = make_loss_fn(args, reference)
-    policy = training.wrap(policy, env, args.fsdp)
     optimizer = training.make_optimizer(args, policy)
     if state:
         training.load_optimizer(policy, optimizer, state["dir"])

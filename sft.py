@@ -47,8 +47,8 @@ def main(argv=None):
     state = training.prepare_out(args, env)
     if training.finished(state, env):
         return training.finish(env)
-    model = training.load_model(state["dir"] if state else args.model, args.seed, env.device)
-    model = training.wrap(model, env, args.fsdp)
+    model = training.wrap(training.load_model(state["dir"] if state else args.model, args.seed, env.device),
+                           env, args.fsdp)
     optimizer = training.make_optimizer(args, model)
     if state:
         training.load_optimizer(model, optimizer, state["dir"])
