@@ -342,7 +342,7 @@ def prepare_out(args, env):
     so a resumed run's log reads as one run.
     """
     out = Path(args.out)
-    flags = {k: v for k, v in vars(args).items()}
+    flags = dict(vars(args))
     args_file, latest = out / "args.json", out / "latest"
     if args_file.exists():
         old = json.loads(args_file.read_text())
@@ -400,11 +400,10 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
     optim = get_optimizer_state_dict(model, optimizer, options=full)
     rng = {"torch": _rng_to(torch.get_rng_state()),
            "cuda": _rng_to(torch.cuda.get_rng_state(env.device)) if env.device.type == "cuda" else None}
-    rngs = [None] * env.world
+    rngs = [rng]
     if env.world > 1:
+        rngs = [None] * env.world
         dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
     if env.main:
         out = Path(args.out)
         name = f"ckpt-{step * plan.batch_size}"

@@ -1,13 +1,17 @@
 """daa.py: the losses of Eq. 4 by hand, and short runs of the training script (resume, reference, eval, NaN)."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import RUN, max_diff, weights, write_inputs
+from test_training import ROOT, RUN, max_diff, weights, write_inputs
 
 import daa  # noqa: E402  (test_training put the repository root on sys.path)
 import logprobs  # noqa: E402
@@ -72,22 +76,23 @@ def inputs(tmp_path_factory):
     return tmp, args
 
 
-def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, monkeypatch, capsys):
+def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, capsys):
     tmp, args = inputs
     out = tmp / "killed"
-    real = training.save_optimizer
-    calls = []
-
-    def die_in_second_checkpoint(*a):  # the process dies half-way through writing ckpt-8
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(*a)
-    monkeypatch.setattr(training, "save_optimizer", die_in_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        daa.main([*args, "--out", str(out)])
+    # A real SIGKILL, half-way through writing the second checkpoint (after its weights, before its optimizer state).
+    killer = ("import os, signal, sys, daa, training\n"
+              "save, calls = training.save_optimizer, []\n"
+              "def save_or_die(*a):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    save(*a)\n"
+              "training.save_optimizer = save_or_die\n"
+              "daa.main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-c", killer, *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     assert Path(out / "latest").resolve().name == "ckpt-4" and (out / "ckpt-8.tmp" / "model.safetensors").exists()
-    monkeypatch.undo()
 
     daa.main([*args, "--out", str(out)])  # the same command again
     assert "resuming from" in capsys.readouterr().out
