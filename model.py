@@ -165,21 +165,21 @@ class GPTNeoXModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
 
-def attention_mask_4d(attention_mask, past, T):
-    """Boolean [B|1, 1, T, past+T] mask (True = attend), or None for plain causal attention.
+def attention_mask_4d(attention_mask, past, T, dtype, device):
+    """Additive [B|1, 1, T, past+T] mask (0 = attend, -inf = not), or None for plain causal attention.
 
     Padded keys are masked; a query may always see itself, so a padding query whose keys
     are all padding (left padding) still has one key and its softmax never gives NaN.
+    Built once per forward as floats: SDPA would otherwise convert a boolean mask in every layer.
     """
     if attention_mask is None and past == 0:
         return None
-    device = attention_mask.device if attention_mask is not None else None
     q = torch.arange(past, past + T, device=device)[:, None]
     k = torch.arange(past + T, device=device)[None, :]
-    mask = k <= q
+    allowed = k <= q
     if attention_mask is not None:
-        mask = mask & (attention_mask.bool()[:, None, None, :] | (k == q))
-    return mask
+        allowed = allowed & (attention_mask.bool()[:, None, None, :] | (k == q))
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 class GPTNeoX(nn.Module):
@@ -214,14 +214,14 @@ class GPTNeoX(nn.Module):
             pos = torch.arange(past, past + T, device=idx.device)[None, :]
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        mask = attention_mask_4d(attention_mask, past, T)
+        x = self.gpt_neox.embed_in(idx)
+        mask = attention_mask_4d(attention_mask, past, T, x.dtype, idx.device)
         # Rotary angles in float32 (as transformers), computed here so that casting the model cannot round them.
         hs = c.hidden_size // c.num_attention_heads
         r = int(hs * c.rotary_pct)
         inv_freq = 1.0 / (c.rotary_emb_base ** (torch.arange(0, r, 2, device=idx.device, dtype=torch.float32) / r))
         angles = pos[..., None].float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B|1, 1, T, r]
-        x = self.gpt_neox.embed_in(idx)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, cos, sin, mask, kv_cache, i)
