@@ -1,0 +1,208 @@
+"""Sample a checkpoint on held-out prompts and measure what the paper plots win rates against (§3, App. B).
+
+For the same n prompts (picked by --seed alone, so every checkpoint sees the
+same ones) it draws one sample per prompt at temperature 1 up to max length
+512, then scores each sample under the policy and the reference:
+
+    KL(π‖π_ref) ≈ mean over samples of  log π(y|x) − log π_ref(y|x),   y ~ π(·|x)
+
+(an unbiased Monte Carlo estimate only when sampling is plain temperature-1
+sampling), the sample's length, and two likelihood over-optimisation
+indicators of Shi et al. (*Understanding Likelihood Over-optimisation in
+Direct Alignment Algorithms*): per token, the entropy of the policy's top-10
+next-token probabilities (renormalised) and the mass those 10 hold, averaged
+over the sample. Rows go to `samples-<ckpt>.jsonl` beside the checkpoint, the
+means to `samples-<ckpt>.summary.json`.
+
+    python sample.py --ckpt out/dpo/ckpt-46080 --ref out/sft/ckpt-92858
+    torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ...   # prompts sharded over ranks, one file
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+import training
+from download import cache_dir
+from logprobs import default_chunk_size, sequence_logps
+from model import GPTNeoX
+from tokenizer import load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_prompts(rows, n, seed):
+    """The same n rows for every checkpoint: a permutation drawn from `seed` alone, kept in file order."""
+    g = torch.Generator().manual_seed(seed)
+    return [rows[i] for i in sorted(torch.randperm(len(rows), generator=g)[:n].tolist())]
+
+
+def left_pad(seqs, pad_id):
+    """Token lists -> ids [B, T] and attention mask [B, T], padded on the left for generation."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def top10_indicators(hidden, weight, labels, k=10, chunk_size=None):
+    """Shi et al.'s indicators per row: mean over sample tokens of the entropy of the renormalised
+    top-k next-token probabilities, and of the top-k probability mass.
+
+    hidden [B, T, D] final-norm states, weight [V, D] the unembedding, labels [B, T] (-100 off the
+    sample). Position t predicts labels[:, t+1]. Logits are formed a chunk of positions at a time
+    (as logprobs.py does), so a long sample never holds [T, V] at once.
+    """
+    predicts = labels[:, 1:] != -100
+    h = hidden[:, :-1][predicts]  # [N, D]: the positions that predict a sample token
+    n = len(h)
+    chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0])
+    entropy, mass = torch.empty(n), torch.empty(n)
+    w = weight.float()
+    for i in range(0, n, chunk):
+        p = (h[i:i + chunk].float() @ w.T).softmax(-1).topk(k, dim=-1).values
+        m = p.sum(-1)
+        q = p / m[:, None]
+        entropy[i:i + chunk] = -torch.special.xlogy(q, q).sum(-1).cpu()
+        mass[i:i + chunk] = m.cpu()
+    count = predicts.sum(1).cpu()
+    row = torch.repeat_interleave(torch.arange(len(labels)), count)
+    per_row = lambda x: torch.zeros(len(labels)).index_add_(0, row, x) / count.clamp(min=1)
+    return per_row(entropy), per_row(mass)
+
+
+@torch.no_grad()
+def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
+    """Sample one continuation per prompt and score it; returns one dict of statistics per prompt.
+
+    budgets[i] caps row i's new tokens (the rest of --max-length), so a row's sample does not
+    depend on which prompts share its batch. A sample ends at its first EOS, which it keeps:
+    emitting EOS is part of the sampled sequence and its log-prob counts.
+    """
+    device = policy.embed_out.weight.device
+    ids, mask = left_pad(prompts, eos_id)
+    ids, mask = ids.to(device), mask.to(device)
+    new = policy.generate(ids, mask, max(budgets), args.temperature, args.top_k, args.top_p, eos_id, generator)
+    samples, keep = [], torch.zeros_like(new, dtype=torch.bool)
+    for i, budget in enumerate(budgets):
+        row = new[i, :budget].tolist()
+        toks = row[:row.index(eos_id) + 1] if eos_id in row else row
+        samples.append(toks)
+        keep[i, :len(toks)] = True
+    full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, keep.long()], 1)
+    labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), -100)
+    policy_logp = sequence_logps(policy, full, labels, full_mask)  # temperature 1: the policy itself
+    ref_logp = sequence_logps(ref, full, labels, full_mask)
+    entropy, mass = top10_indicators(policy(full, full_mask, return_hidden=True), policy.embed_out.weight, labels)
+    return [{"sample_tokens": s, "length": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
+             "policy_logp": policy_logp[i].item(), "ref_logp": ref_logp[i].item(),
+             "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
+
+
+def summarize(rows, args):
+    """KL(π‖π_ref) with its standard error, √KL (the paper's x-axis), mean length, mean indicators."""
+    diff = torch.tensor([r["policy_logp"] - r["ref_logp"] for r in rows], dtype=torch.float64)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+    kl = diff.mean().item()
+    return {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
+            "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
+            "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
+            "eos_rate": mean("eos"), "n": len(rows),
+            "ckpt": str(args.ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
+
+
+def find_tokenizer(ckpt):
+    for d in (ckpt, ckpt.parent):
+        if (d / "tokenizer.json").is_file():
+            return d
+    raise ValueError(f"no tokenizer.json in {ckpt} or {ckpt.parent}: pass --tokenizer (a tokenizer.json, "
+                     "or a Pythia name such as pythia-1b)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="policy checkpoint directory (or a run directory: its `latest`)")
+    p.add_argument("--ref", required=True, help="reference model (the SFT model): checkpoint or run directory, or a Pythia name")
+    p.add_argument("--prompts", default=str(cache_dir() / "data" / "tldr" / "eval_prompts.jsonl"), help="eval_prompts.jsonl (id, prompt, reference)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name (default: from --ckpt or its run directory)")
+    p.add_argument("--n", type=int, default=256, help="prompts to sample (the paper: 256)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="most new tokens per sample (App. B: max length 512)")
+    p.add_argument("--max-length", type=int, default=1024, help="most prompt + sample tokens (TL;DR prompts are up to 512)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (the KL estimate assumes 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, per rank")
+    p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (log-probs are float32 either way)")
+    p.add_argument("--out", default=None, help="output JSONL (default: samples-<ckpt name>.jsonl beside the checkpoint)")
+    args = p.parse_args(argv)
+    args.ckpt = training.model_dir(args.ckpt).resolve()  # a run directory's `latest` -> its ckpt-<examples>
+    out = Path(args.out) if args.out else args.ckpt.parent / f"samples-{args.ckpt.name}.jsonl"
+    env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
+    rank, world, device = env.rank, env.world, env.device
+    torch.backends.cuda.matmul.allow_tf32 = False  # KL is a small difference of two large sums: full fp32
+
+    tok = load_tokenizer(args.tokenizer or find_tokenizer(args.ckpt))
+    all_rows = training.read_jsonl(args.prompts, ("id", "prompt", "reference"))
+    if len({r["id"] for r in all_rows}) < len(all_rows):
+        raise ValueError(f"{args.prompts}: ids are not unique (judge.py and fit.py match rows by id)")
+    chosen = select_prompts(all_rows, args.n, args.seed)
+    policy = GPTNeoX.from_pretrained(args.ckpt, dtype=DTYPES[args.dtype], device=device)
+    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=DTYPES[args.dtype], device=device)
+    max_length = min(args.max_length, policy.config.max_position_embeddings)
+    encoded = [tok.encode(r["prompt"]) for r in chosen]
+    for r, e in zip(chosen, encoded):
+        if not 0 < len(e) < max_length:
+            raise ValueError(f"{args.prompts}: prompt {r['id']!r} has {len(e)} tokens; it needs 1 to {max_length - 1} "
+                             f"(--max-length {args.max_length}, the model's {policy.config.max_position_embeddings} positions)")
+    # This rank's share, longest prompts first so a batch holds prompts of similar length (less padding).
+    mine = sorted(range(rank, len(chosen), world), key=lambda i: -len(encoded[i]))
+    generator = torch.Generator(device).manual_seed(args.seed + rank)
+
+    rows, t0, new_tokens = [], time.time(), 0
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    for b, batch in enumerate(batches, 1):
+        prompts = [encoded[i] for i in batch]
+        budgets = [min(args.max_new_tokens, max_length - len(e)) for e in prompts]
+        for i, stats in zip(batch, sample_batch(policy, ref, prompts, budgets, tok.eos_id, args, generator)):
+            r = chosen[i]
+            rows.append({"id": r["id"], "prompt": r["prompt"],
+                         "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), "reference": r["reference"],
+                         **stats})
+            new_tokens += len(stats["sample_tokens"])
+        if rank == 0:
+            dt = time.time() - t0
+            print(f"batch {b}/{len(batches)}: {new_tokens / dt:.1f} tokens/s, ETA {dt / b * (len(batches) - b):.0f} s", flush=True)
+
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(rows, gathered, dst=0)
+        rows = [r for part in gathered for r in part] if rank == 0 else []
+    if rank == 0:
+        order = {r["id"]: i for i, r in enumerate(chosen)}
+        rows.sort(key=lambda r: order[r["id"]])
+        s = summarize(rows, args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        training._write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+        training._write_atomic(out.with_suffix(".summary.json"), json.dumps(s, indent=2) + "\n")
+        print(f"KL {s['kl']:.3f} ± {s['kl_se']:.3f} (√KL {s['sqrt_kl']:.3f}), length {s['length']:.1f}, "
+              f"top-10 entropy {s['top10_entropy']:.3f}, top-10 mass {s['top10_mass']:.3f}, n={s['n']}")
+        print(f"wrote {out} and {out.with_suffix('.summary.json')}")
+    training.finish(env)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,172 @@
+"""sample.py on a tiny random GPT-NeoX with the real Pythia tokenizer and real TL;DR prompts."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from model import Config, GPTNeoX
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+EOS = 0
+
+
+def tiny_model(seed):
+    """Random weights, large enough (std 0.2) that greedy decoding has clear argmaxes, and
+    biased towards EOS so that some samples end with it within a dozen tokens and some do not."""
+    torch.manual_seed(seed)
+    model = GPTNeoX(Config(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, initializer_range=0.2)).eval()
+    with torch.no_grad():  # EOS logit ≈ 6 + 2·(a normalised feature): likely, but not certain, each step
+        model.gpt_neox.final_layer_norm.bias[0] = 3.0
+        model.embed_out.weight[EOS, 0] = 2.0
+        model.embed_out.weight[50277:, 0] = -10.0  # never the padding rows beyond the tokenizer's vocabulary
+    return model
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    for name, seed in (("run/ckpt-100", 0), ("sft", 1)):
+        tiny_model(seed).save_pretrained(d / name)
+        shutil.copy(FIXTURES / "gpt-neox-20b-tokenizer.json", d / name / "tokenizer.json")
+    with open(FIXTURES / "tldr_queries_first300.csv") as f:
+        rows = [{"id": f"q{i}", "prompt": r["query"], "reference": r["reference_responses"]}
+                for i, r in enumerate(csv.DictReader(f)) if i < 40]
+    (d / "eval_prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def run(env, out, *extra, ckpt="run/ckpt-100", ref="sft"):
+    sample.main(["--ckpt", str(env / ckpt), "--ref", str(env / ref), "--prompts", str(env / "eval_prompts.jsonl"),
+                 "--n", "6", "--max-new-tokens", "12", "--batch-size", "4", "--out", str(out), *extra])
+    rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
+    return rows, json.loads(Path(out).with_suffix(".summary.json").read_text())
+
+
+def fresh_scores(model, prompt_tokens, sample_tokens):
+    """Sum of log-probs of the sample and the naive top-10 indicators, from one unpadded full forward."""
+    ids = torch.tensor([prompt_tokens + sample_tokens])
+    with torch.no_grad():
+        logp = model(ids)[0, len(prompt_tokens) - 1:-1].log_softmax(-1)
+    top = logp.exp().topk(10, dim=-1).values
+    q = top / top.sum(-1, keepdim=True)
+    return (logp.gather(1, torch.tensor(sample_tokens)[:, None]).sum().item(),
+            -(q * q.log()).sum(-1).mean().item(), top.sum(-1).mean().item())
+
+
+def test_recorded_logps_equal_a_fresh_full_forward(env, tmp_path):
+    rows, summary = run(env, tmp_path / "s.jsonl")
+    tok = load_tokenizer(env / "sft")
+    policy, ref = GPTNeoX.from_pretrained(env / "run/ckpt-100"), GPTNeoX.from_pretrained(env / "sft")
+    assert len(rows) == 6
+    for r in rows:
+        prompt = tok.encode(r["prompt"])
+        logp, entropy, mass = fresh_scores(policy, prompt, r["sample_tokens"])
+        assert r["policy_logp"] == pytest.approx(logp, abs=1e-3)
+        assert r["ref_logp"] == pytest.approx(fresh_scores(ref, prompt, r["sample_tokens"])[0], abs=1e-3)
+        assert r["top10_entropy"] == pytest.approx(entropy, abs=1e-4) and r["top10_mass"] == pytest.approx(mass, abs=1e-4)
+        # a sample ends at its first EOS and keeps it (its log-prob counts); the text and length do not
+        toks = r["sample_tokens"]
+        assert EOS not in toks[:-1] and r["eos"] == (toks[-1] == EOS)
+        assert r["length"] == len(toks) - r["eos"] and r["sample"] == tok.decode(toks[:r["length"]])
+        assert r["eos"] or len(toks) == 12  # without EOS it runs to --max-new-tokens
+    assert 0 < sum(r["eos"] for r in rows) < 6  # both kinds occur here
+    diff = torch.tensor([r["policy_logp"] - r["ref_logp"] for r in rows], dtype=torch.float64)
+    assert summary["kl"] == pytest.approx(diff.mean().item()) and summary["n"] == 6
+    assert summary["kl_se"] == pytest.approx((diff.std() / 6 ** 0.5).item())
+    assert summary["sqrt_kl"] == pytest.approx(max(summary["kl"], 0) ** 0.5)
+    assert summary["length"] == pytest.approx(sum(r["length"] for r in rows) / 6)
+    assert summary["top10_mass"] == pytest.approx(sum(r["top10_mass"] for r in rows) / 6)
+
+
+def test_indicators_in_chunks_equal_all_at_once():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 7, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[0, :3] = labels[1, :5] = labels[2, 6:] = -100  # prompt and padding positions
+    whole = sample.top10_indicators(hidden, weight, labels)
+    chunked = sample.top10_indicators(hidden, weight, labels, chunk_size=2)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+    p = (hidden[0, 2:6] @ weight.T).softmax(-1).topk(10).values  # row 0 predicts tokens 3..6 from positions 2..5
+    q = p / p.sum(-1, keepdim=True)
+    assert whole[0][0].item() == pytest.approx(-(q * q.log()).sum(-1).mean().item(), abs=1e-5)
+    assert whole[1][0].item() == pytest.approx(p.sum(-1).mean().item(), abs=1e-5)
+    p = (hidden[1, 4:6] @ weight.T).softmax(-1).topk(10).values  # row 1 predicts tokens 5, 6
+    assert whole[1][1].item() == pytest.approx(p.sum(-1).mean().item(), abs=1e-5)
+
+
+def test_cached_decoding_equals_uncached():
+    model = tiny_model(0)
+    ids, mask = sample.left_pad([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], EOS)
+    cached = model.generate(ids, mask, 10, eos_id=EOS, generator=torch.Generator().manual_seed(3))
+    uncached = model.generate(ids, mask, 10, eos_id=EOS, generator=torch.Generator().manual_seed(3), use_cache=False)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(env, tmp_path):
+    batched, _ = run(env, tmp_path / "b.jsonl", "--temperature", "0", "--batch-size", "6")
+    single, _ = run(env, tmp_path / "s.jsonl", "--temperature", "0", "--batch-size", "1")
+    assert [r["id"] for r in batched] == [r["id"] for r in single]
+    for b, s in zip(batched, single):
+        assert b["sample_tokens"] == s["sample_tokens"]
+        for key in ("policy_logp", "ref_logp", "top10_entropy", "top10_mass"):
+            assert b[key] == pytest.approx(s[key], abs=1e-3)
+
+
+def test_kl_is_zero_when_ckpt_is_ref(env, tmp_path):
+    rows, summary = run(env, tmp_path / "s.jsonl", ref="run/ckpt-100")
+    assert all(r["policy_logp"] == r["ref_logp"] for r in rows)
+    assert summary["kl"] == 0 and summary["kl_se"] == 0 and summary["sqrt_kl"] == 0
+
+
+def test_same_seed_same_output_and_same_prompts_for_every_checkpoint(env, tmp_path):
+    run(env, tmp_path / "a.jsonl", "--seed", "7")
+    run(env, tmp_path / "b.jsonl", "--seed", "7")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    other, _ = run(env, tmp_path / "c.jsonl", "--seed", "7", ckpt="sft")
+    seed8, _ = run(env, tmp_path / "d.jsonl", "--seed", "8")
+    ids = [json.loads(line)["id"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in other] == ids and [r["id"] for r in seed8] != ids
+
+
+def test_run_directory_and_default_out(env):
+    (env / "run" / "latest").symlink_to("ckpt-100")  # as training.save_checkpoint leaves it
+    sample.main(["--ckpt", str(env / "run"), "--ref", str(env / "sft"), "--prompts", str(env / "eval_prompts.jsonl"),
+                 "--n", "2", "--max-new-tokens", "3"])
+    rows = (env / "run" / "samples-ckpt-100.jsonl").read_text().splitlines()
+    summary = json.loads((env / "run" / "samples-ckpt-100.summary.json").read_text())
+    assert len(rows) == 2 and summary["n"] == 2 and not list((env / "run").glob("*.tmp"))
+
+
+def test_bad_prompts_fail_with_one_line(env, tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": "1", "prompt": "a", "reference": "b"}\n{"id": "2", "prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: needs string field\(s\) reference"):
+        sample.main(["--ckpt", str(env / "sft"), "--ref", str(env / "sft"), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")])
+    with pytest.raises(ValueError, match="has .* tokens; it needs 1 to 99"):
+        run(env, tmp_path / "o.jsonl", "--max-length", "100")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_torchrun_shards_and_gathers_one_file(env, tmp_path):
+    single, _ = run(env, tmp_path / "one.jsonl", "--temperature", "0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "0", "sample.py",
+           "--ckpt", str(env / "run/ckpt-100"), "--ref", str(env / "sft"), "--prompts", str(env / "eval_prompts.jsonl"),
+           "--n", "6", "--max-new-tokens", "12", "--batch-size", "4", "--temperature", "0", "--out", str(tmp_path / "two.jsonl")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in two] == [r["id"] for r in single]
+    for a, b in zip(two, single):
+        assert a["sample_tokens"] == b["sample_tokens"] and a["policy_logp"] == pytest.approx(b["policy_logp"], abs=1e-3)
