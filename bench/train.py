@@ -69,7 +69,8 @@ def worker(variant, pairs, length, steps, model_name):
         ids = torch.randint(0, 50277, (2 * pairs, T))
         labels = ids.clone()
         labels[:, :T // 2] = -100  # the first half is the prompt
-        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+                "idx": list(range(pairs)), "split": "train"}
 
     training.train_step(policy, optimizer, [batch(16)], loss_fn, env, args, 0)  # allocates optimizer state
     with open("/proc/self/clear_refs", "w") as f:
