@@ -36,6 +36,10 @@ class Config:
     bos_token_id: int = 0
     eos_token_id: int = 0
 
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+
     @classmethod
     def from_dict(cls, d):
         """Read a config.json dict: original Pythia keys or the `rope_parameters` form of transformers 5."""
@@ -43,8 +47,9 @@ class Config:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"unsupported rope_type {rope.get('rope_type', rope.get('type'))!r}: Pythia uses 'default'")
-        d.setdefault("rotary_pct", rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25)))
-        d.setdefault("rotary_emb_base", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        # precedence as transformers 5: rope_parameters, then the original keys, then transformers 4.4x's top-level ones
+        d["rotary_pct"] = rope.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 0.25)))
+        d["rotary_emb_base"] = rope.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", 10000.0)))
         if d.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}: Pythia uses exact-erf 'gelu'")
         if d.get("tie_word_embeddings") or d.get("attention_bias") is False:
@@ -151,8 +156,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, layer):
         a = self.attention(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        if self.parallel:
-            return x + a + self.mlp(self.post_attention_layernorm(x))
+        if self.parallel:  # summed in transformers' order, so the two agree to the last bit more often
+            return self.mlp(self.post_attention_layernorm(x)) + a + x
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -208,6 +213,8 @@ class GPTNeoX(nn.Module):
         """
         c, (B, T) = self.config, idx.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and past + T > kv_cache.k.shape[3]:
+            raise ValueError(f"KV cache holds {kv_cache.k.shape[3]} positions; {past} used, {T} more requested")
         if attention_mask is not None and past == 0 and T > 1 and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: take the fast causal kernel
         if attention_mask is None:

@@ -140,15 +140,19 @@ def test_strict_loading_names_the_keys(tmp_path):
 
 def test_config_forms():
     new = {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5},
-           "hidden_size": 32, "hidden_act": "gelu", "unknown_key": 1}
-    assert Config.from_dict(new) == Config(hidden_size=32, rotary_pct=0.5, rotary_emb_base=500.0)
+           "hidden_size": 32, "num_attention_heads": 4, "hidden_act": "gelu", "unknown_key": 1}
+    assert Config.from_dict(new) == Config(hidden_size=32, num_attention_heads=4, rotary_pct=0.5, rotary_emb_base=500.0)
     assert Config.from_dict({"rotary_pct": 0.5, "rotary_emb_base": 500}) == Config(rotary_pct=0.5, rotary_emb_base=500)
+    both = dict(new, rotary_pct=1.0, rotary_emb_base=1.0)  # disagreeing forms: rope_parameters wins, as in transformers
+    assert Config.from_dict(both) == Config.from_dict(new) and GPTNeoXConfig(**both).rope_parameters["rope_theta"] == 500.0
     c = Config(**CONFIGS["sequential"])
     assert Config.from_dict(c.to_dict()) == c
     hf = GPTNeoXConfig(**c.to_dict())
     assert hf.rope_parameters["partial_rotary_factor"] == c.rotary_pct and not hf.use_parallel_residual
     with pytest.raises(ValueError, match="hidden_act"):
         Config.from_dict({"hidden_act": "relu"})
+    with pytest.raises(ValueError, match="divisible"):
+        Config(hidden_size=100, num_attention_heads=8)
 
 
 # Published Pythia parameter counts (total, non-embedding), from the suite's model cards;
