@@ -64,8 +64,8 @@ def add_args(parser, checkpoints):
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N training examples "
                    "(quick runs, tests)")
     p.add_argument("--max-length", type=int, default=512, help="truncate prompt + response to this many tokens "
-                   "(default %(default)s, App. B); a long prompt loses the tokens before its last line, keeping its start "
-                   "and the instruction (TL;DR:, Assistant:)")
+                   "(default %(default)s, App. B); a long prompt loses the tokens before its last line, keeping "
+                   "its start and the instruction (TL;DR:, Assistant:)")
     p.add_argument("--checkpoints", type=int, default=checkpoints, help="checkpoints evenly spaced over the run, "
                    "as ckpt-<examples seen>/; 4 saves at 25/50/75/100%% (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order (with the epoch) and any "

@@ -108,7 +108,7 @@ def main():
                 results[variant] = r
     print(f"one DAA step (DPO, RMSprop), {args.model} random weights, {args.pairs} pairs × {args.length} tokens, "
           f"CPU float32, {os.cpu_count()} cores, {args.steps} timed steps\n")
-    print(f"| variant | s/step | tokens/s | RSS before step (MiB) | peak RSS (MiB) | step memory (MiB) |")
+    print("| variant | s/step | tokens/s | RSS before step (MiB) | peak RSS (MiB) | step memory (MiB) |")
     print("|---|---|---|---|---|---|")
     for v in ("fused", "naive"):
         r = results[v]

@@ -51,7 +51,7 @@ def test_dpo_gradient_raises_the_chosen_log_ratio():
     losses, _, _ = daa.daa_loss(chosen, rejected, REF_CHOSEN, REF_REJECTED, BETA, "dpo")
     losses.sum().backward()
     sigma = [1 / (1 + math.exp(1.0)), 1 / (1 + math.exp(-0.5))]  # σ(−βh)
-    assert chosen.grad.tolist() == pytest.approx([-BETA * s for s in sigma])  # ∂/∂log π(y_w) = −β σ(−βh) < 0
+    assert chosen.grad.tolist() == pytest.approx([-BETA * s for s in sigma])  # ∂/∂log π(y_w) = −βσ(−βh) < 0
     assert rejected.grad.tolist() == pytest.approx([BETA * s for s in sigma])
     step = chosen.detach() - 0.1 * chosen.grad
     assert ((step - REF_CHOSEN) > (chosen.detach() - REF_CHOSEN)).all()  # a descent step raises the chosen log-ratio
@@ -97,7 +97,8 @@ def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, capsys):
     daa.main([*args, "--out", str(out)])  # the same command again
     assert "resuming from" in capsys.readouterr().out
     assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]  # ckpt-8.tmp was replaced
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("loss"), r.get("eval/loss")) for r in logged] == \
@@ -125,7 +126,8 @@ def test_eval_metrics_at_every_checkpoint(inputs):
         assert r == {"step": r["step"], "examples": r["examples"],
                      **json.loads((run / f"ckpt-{r['examples']}" / "eval.json").read_text())}
         assert r["eval/examples"] == 4 and 0 <= r["eval/accuracy"] <= 1
-        assert r["eval/margin"] == pytest.approx(0.5 * (r["eval/logratio_chosen"] - r["eval/logratio_rejected"]), rel=1e-4)
+        margin = 0.5 * (r["eval/logratio_chosen"] - r["eval/logratio_rejected"])  # β = 0.5
+        assert r["eval/margin"] == pytest.approx(margin, rel=1e-4)
         assert r["eval/rewards_chosen"] == pytest.approx(0.5 * r["eval/logratio_chosen"], rel=1e-4)
     train = [r for r in logged if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3] and train[0]["rewards/margin"] == 0  # policy = reference at step 1

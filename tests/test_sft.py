@@ -65,4 +65,5 @@ def test_bad_flags_exit_with_one_line_and_write_nothing(tmp_path):
                         "--out", str(tmp_path / "out"), "--batch-size", "3", "--micro-batch-size", "2"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and not (tmp_path / "out").exists()
-    assert r.stderr.strip().splitlines() == ["error: --batch-size 3 must be a multiple of --micro-batch-size 2 × 1 processes"]
+    assert r.stderr.strip().splitlines() == \
+        ["error: --batch-size 3 must be a multiple of --micro-batch-size 2 × 1 processes"]

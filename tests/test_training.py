@@ -53,7 +53,8 @@ def write_inputs(tmp, weights=True):
     for line in open(FIXTURES / "tldr_comparisons_batch18_first100.jsonl", encoding="utf-8"):
         c = json.loads(line)
         texts = [s["text"] for s in c["summaries"]]
-        pairs.append({"prompt": tldr_prompt(c["info"]), "chosen": texts[c["choice"]], "rejected": texts[1 - c["choice"]]})
+        chosen, rejected = texts[c["choice"]], texts[1 - c["choice"]]
+        pairs.append({"prompt": tldr_prompt(c["info"]), "chosen": chosen, "rejected": rejected})
     (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:60]))
     (data / "pref_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[60:]))
     return model_dir, data
@@ -103,7 +104,8 @@ def test_encode_truncates_the_prompt_middle_and_keeps_tldr(tok):
 
 
 def test_encode_pairs_share_the_prompt_cut(tok):
-    (cw, lw), (cr, lr) = training.encode(tok, "POST: " + "word " * 100 + "\nTL;DR:", [" short", " a longer answer here"], 24)
+    prompt = "POST: " + "word " * 100 + "\nTL;DR:"
+    (cw, lw), (cr, lr) = training.encode(tok, prompt, [" short", " a longer answer here"], 24)
     nw, nr = lw.count(training.IGNORE), lr.count(training.IGNORE)
     assert nw == nr and cw[:nw] == cr[:nr] and len(cr) == 24 and cw[-1] == tok.eos_id
 
@@ -162,7 +164,8 @@ def test_lr_warms_up_linearly_then_stays():
 def test_optimizer_state_round_trips_through_safetensors(tmp_path, name):
     def fresh():
         torch.manual_seed(0)
-        m = GPTNeoX(Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+        m = GPTNeoX(Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32))
         return m, training.make_optimizer(argparse.Namespace(optimizer=name, lr=1e-2), m)
 
     def step(m, opt):
@@ -173,7 +176,8 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path, name):
     a, opt_a = fresh()
     step(a, opt_a)
     full = training.StateDictOptions(full_state_dict=True)
-    training.save_optimizer(training.get_optimizer_state_dict(a, opt_a, options=full), tmp_path / "optimizer.safetensors")
+    state = training.get_optimizer_state_dict(a, opt_a, options=full)
+    training.save_optimizer(state, tmp_path / "optimizer.safetensors")
     b, opt_b = fresh()
     b.load_state_dict(a.state_dict())
     training.load_optimizer(b, opt_b, tmp_path)
