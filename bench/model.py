@@ -40,14 +40,15 @@ with tempfile.TemporaryDirectory() as d:
 V = ours.config.vocab_size
 
 
-def median_time(fn):
-    fn()  # warm-up
-    times = []
+def median_times(fns):
+    """Median seconds per call of each side, the sides taking turns so that load changes hit both."""
+    times = {side: [] for side in fns}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for side, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[side].append(time.perf_counter() - t0)
+    return {side: statistics.median(ts) for side, ts in times.items()}
 
 
 # forward + backward: next-token cross-entropy over a full batch
@@ -91,7 +92,9 @@ rows = []
 for name, fns, tokens in [(f"forward+backward, batch {args.batch_size} x {args.seq_len}", fwd_bwd, args.batch_size * args.seq_len),
                           (f"greedy decode (KV cache), batch {args.decode_batch} x {args.new_tokens} new", decode,
                            args.decode_batch * args.new_tokens)]:
-    t = {side: median_time(fn) for side, fn in fns.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    t = median_times(fns)
     rows.append((name, tokens / t["ours"], tokens / t["hf"]))
 
 same = torch.equal(out["ours"], out["hf"])
