@@ -320,7 +320,7 @@ def _local_files(d):
     def fetch(name):
         p = d / name
         if not p.exists():
-            if name == "model.safetensors":
+            if name == "model.safetensors":  # as on the hub: from_pretrained then looks for a sharded index
                 raise download.NotFound(f"{p} does not exist")
             raise FileNotFoundError(f"{p} does not exist (expected config.json and model.safetensors "
                                     f"or model.safetensors.index.json with its shards)")
