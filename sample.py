@@ -15,7 +15,7 @@ over the sample. Rows go to `samples-<ckpt>.jsonl` beside the checkpoint, the
 means to `samples-<ckpt>.summary.json`.
 
     python sample.py --ckpt out/dpo/ckpt-46080 --ref out/sft/ckpt-92858
-    torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ...   # prompts sharded over ranks, one file
+    torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ... --num-prompts 256   # sharded, one file
 """
 import argparse
 import json
@@ -134,7 +134,8 @@ def main(argv=None):
     p.add_argument("--ref", required=True, help="reference model (the SFT model): checkpoint or run directory, or a Pythia name")
     p.add_argument("--prompts", default=str(cache_dir() / "data" / "tldr" / "eval_prompts.jsonl"), help="eval_prompts.jsonl (id, prompt, reference)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name (default: from --ckpt or its run directory)")
-    p.add_argument("--n", type=int, default=256, help="prompts to sample (the paper: 256)")
+    p.add_argument("--n", "--num-prompts", dest="n", type=int, default=256,
+                   help="prompts to sample (the paper: 256); under torchrun write --num-prompts (torchrun takes --n as its own)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="most new tokens per sample (App. B: max length 512)")
     p.add_argument("--max-length", type=int, default=1024, help="most prompt + sample tokens (TL;DR prompts are up to 512)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (the KL estimate assumes 1)")
