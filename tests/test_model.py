@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from model import PYTHIA, Config, GPTNeoX, KVCache
+from model import PYTHIA, Config, GPTNeoX, KVCache, sample_token
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
 CONFIGS = {  # the variations Pythia's suite spans, each on a model small enough to run in milliseconds
@@ -254,3 +254,18 @@ def test_generate_fills_after_eos_and_stops_early(tiny):
         assert (row[stop:] == eos).all()  # eos afterwards
     single = tiny.generate(ids[:1], mask[:1], max_new_tokens=10, temperature=0, eos_id=eos)
     assert torch.equal(single[0], greedy[0, :first[0] + 1])
+
+
+@pytest.mark.parametrize("kw, want", [
+    (dict(), [0.5, 0.3, 0.15, 0.05, 0.0]),
+    (dict(temperature=0.5), [0.25 / 0.3650, 0.09 / 0.3650, 0.0225 / 0.3650, 0.0025 / 0.3650, 0.0]),  # p^2, renormalised
+    (dict(top_k=2), [0.625, 0.375, 0.0, 0.0, 0.0]),
+    (dict(top_p=0.85), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0, 0.0]),  # smallest prefix holding 85 %
+])
+def test_sample_token_frequencies(kw, want):
+    n = 40_000
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).log().expand(n, 5)  # the last token is impossible
+    draws = sample_token(logits, generator=torch.Generator().manual_seed(0), **kw)
+    freq = torch.bincount(draws, minlength=5) / n
+    torch.testing.assert_close(freq, torch.tensor(want), atol=0.01, rtol=0)  # ~4 standard errors
+    assert (freq[torch.tensor(want) == 0] == 0).all()  # filtered tokens are never drawn
