@@ -252,7 +252,7 @@ def write_json(path, obj):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", help="samples JSONL from sample.py (id, prompt, sample, reference)")
-    p.add_argument("--out", default=None, help="judgments JSONL, appended to (default: judgments-<ckpt>.jsonl beside the samples)")
+    p.add_argument("--out", default=None, help="judgments JSONL, appended to; if omitted, judgments-<ckpt>.jsonl beside samples-<ckpt>.jsonl")
     p.add_argument("--judge", choices=("llm", "gold"), default="llm", help="an LLM over an OpenAI-compatible API, or the miniature task's gold reward")
     p.add_argument("--task", choices=("tldr", "hh", "tiny"), default="tldr", help="which judge prompt (tldr, hh) or gold reward (tiny)")
     p.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible API root; POSTs {base-url}/chat/completions")

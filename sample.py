@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="policy checkpoint directory (or a run directory: its `latest`)")
     p.add_argument("--ref", required=True, help="reference model (the SFT model): checkpoint or run directory, or a Pythia name")
     p.add_argument("--prompts", default=str(cache_dir() / "data" / "tldr" / "eval_prompts.jsonl"), help="eval_prompts.jsonl (id, prompt, reference)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name (default: from --ckpt or its run directory)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name; if omitted, the one in --ckpt or its run directory")
     p.add_argument("--n", "--num-prompts", dest="n", type=int, default=256,
                    help="prompts to sample (the paper: 256); under torchrun write --num-prompts (torchrun takes --n as its own)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="most new tokens per sample (App. B: max length 512)")
@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (log-probs are float32 either way)")
-    p.add_argument("--out", default=None, help="output JSONL (default: samples-<ckpt name>.jsonl beside the checkpoint)")
+    p.add_argument("--out", default=None, help="output JSONL; if omitted, samples-<ckpt name>.jsonl beside the checkpoint (summary: <out minus .jsonl>.summary.json)")
     args = p.parse_args(argv)
     args.ckpt = training.model_dir(args.ckpt).resolve()  # a run directory's `latest` -> its ckpt-<examples>
     out = Path(args.out) if args.out else args.ckpt.parent / f"samples-{args.ckpt.name}.jsonl"
