@@ -79,14 +79,14 @@ class Tokenizer:
             raise ValueError(f"{self.enc.name}: cannot encode {text[:60]!r}: part of it is not in the vocabulary") from None
 
     def decode(self, ids):
-        """Every id, special ones included, as UTF-8 text; bytes that are not valid UTF-8 become U+FFFD."""
-        try:
-            return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
-        except (KeyError, OverflowError, TypeError):
-            bad = next((i for i in ids if i not in self.ids), None)
-            if bad is None:
-                raise
-            raise ValueError(f"{self.enc.name}: token id {bad!r} is not in the vocabulary (size {self.vocab_size})") from None
+        """Every id, special ones included, as UTF-8 text; bytes that are not valid UTF-8 become U+FFFD.
+
+        An id with no token decodes to nothing, as in HF `tokenizers`: a policy can sample the
+        model's padding rows (Pythia's embedding has 50304 rows for 50277 tokens)."""
+        if any(not isinstance(i, int) or i < 0 for i in ids):
+            bad = next(i for i in ids if not isinstance(i, int) or i < 0)
+            raise ValueError(f"{self.enc.name}: {bad!r} is not a token id (ids are non-negative integers)")
+        return self.enc.decode_bytes([i for i in ids if i in self.ids]).decode("utf-8", errors="replace")
 
 
 def _splitter(tokens):
