@@ -15,6 +15,7 @@ over the sample. Rows go to `samples-<ckpt>.jsonl` beside the checkpoint, the
 means to `samples-<ckpt>.summary.json`.
 
     python sample.py --ckpt out/dpo/ckpt-46080 --ref out/sft/ckpt-92858
+    python sample.py --ckpt out/dpo/ckpt-* --ref out/sft/latest   # every checkpoint of a run
     torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ... --num-prompts 256   # sharded, one file
 """
 import argparse
@@ -108,7 +109,7 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
              "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
 
 
-def summarize(rows, args):
+def summarize(rows, args, ckpt):
     """KL(π‖π_ref) with its standard error, √KL (the paper's x-axis), mean length, mean indicators."""
     diff = torch.tensor([r["policy_logp"] - r["ref_logp"] for r in rows], dtype=torch.float64)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
@@ -117,7 +118,7 @@ def summarize(rows, args):
             "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
             "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
             "eos_rate": mean("eos"), "n": len(rows),
-            "ckpt": str(args.ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
+            "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
 
 
 def find_tokenizer(ckpt):
@@ -130,7 +131,7 @@ def find_tokenizer(ckpt):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="policy checkpoint directory (or a run directory: its `latest`)")
+    p.add_argument("--ckpt", required=True, nargs="+", help="policy checkpoint directories (a run directory: its `latest`); several share one load of the reference and prompts")
     p.add_argument("--ref", required=True, help="reference model (the SFT model): checkpoint or run directory, or a Pythia name")
     p.add_argument("--prompts", default=str(cache_dir() / "data" / "tldr" / "eval_prompts.jsonl"), help="eval_prompts.jsonl (id, prompt, reference)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name; if omitted, the one in --ckpt or its run directory")
@@ -145,30 +146,40 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (log-probs are float32 either way)")
-    p.add_argument("--out", default=None, help="output JSONL; if omitted, samples-<ckpt name>.jsonl beside the checkpoint (summary: <out minus .jsonl>.summary.json)")
+    p.add_argument("--out", default=None, help="output JSONL (one --ckpt only); if omitted, samples-<ckpt name>.jsonl beside each checkpoint (summary: <out minus .jsonl>.summary.json)")
     args = p.parse_args(argv)
-    args.ckpt = training.model_dir(args.ckpt).resolve()  # a run directory's `latest` -> its ckpt-<examples>
-    out = Path(args.out) if args.out else args.ckpt.parent / f"samples-{args.ckpt.name}.jsonl"
+    ckpts = [training.model_dir(c).resolve() for c in args.ckpt]  # a run directory's `latest` -> its ckpt-<examples>
+    if args.out and len(ckpts) > 1:
+        raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
     env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
-    rank, world, device = env.rank, env.world, env.device
+    device = env.device
     torch.backends.cuda.matmul.allow_tf32 = False  # KL is a small difference of two large sums: full fp32
 
-    tok = load_tokenizer(args.tokenizer or find_tokenizer(args.ckpt))
+    tok = load_tokenizer(args.tokenizer or find_tokenizer(ckpts[0]))
     all_rows = training.read_jsonl(args.prompts, ("id", "prompt", "reference"))
     if len({r["id"] for r in all_rows}) < len(all_rows):
         raise ValueError(f"{args.prompts}: ids are not unique (judge.py and fit.py match rows by id)")
     chosen = select_prompts(all_rows, args.n, args.seed)
-    policy = GPTNeoX.from_pretrained(args.ckpt, dtype=DTYPES[args.dtype], device=device)
     ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=DTYPES[args.dtype], device=device)
-    max_length = min(args.max_length, policy.config.max_position_embeddings)
+    max_length = min(args.max_length, ref.config.max_position_embeddings)
     encoded = [tok.encode(r["prompt"]) for r in chosen]
     for r, e in zip(chosen, encoded):
         if not 0 < len(e) < max_length:
             raise ValueError(f"{args.prompts}: prompt {r['id']!r} has {len(e)} tokens; it needs 1 to {max_length - 1} "
-                             f"(--max-length {args.max_length}, the model's {policy.config.max_position_embeddings} positions)")
+                             f"(--max-length {args.max_length}, the model's {ref.config.max_position_embeddings} positions)")
+    for ckpt in ckpts:
+        out = Path(args.out) if args.out else ckpt.parent / f"samples-{ckpt.name}.jsonl"
+        policy = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype], device=device)
+        sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt)
+    training.finish(env)
+
+
+def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt):
+    """Sample this rank's share of the prompts, gather on rank 0, write the rows and their summary."""
+    rank, world = env.rank, env.world
     # This rank's share, longest prompts first so a batch holds prompts of similar length (less padding).
     mine = sorted(range(rank, len(chosen), world), key=lambda i: -len(encoded[i]))
-    generator = torch.Generator(device).manual_seed(args.seed + rank)
+    generator = torch.Generator(env.device).manual_seed(args.seed + rank)  # the same draws for every checkpoint
 
     rows, t0, new_tokens = [], time.time(), 0
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
@@ -192,14 +203,13 @@ def main(argv=None):
     if rank == 0:
         order = {r["id"]: i for i, r in enumerate(chosen)}
         rows.sort(key=lambda r: order[r["id"]])
-        s = summarize(rows, args)
+        s = summarize(rows, args, ckpt)
         out.parent.mkdir(parents=True, exist_ok=True)
         training._write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
         training._write_atomic(out.with_suffix(".summary.json"), json.dumps(s, indent=2) + "\n")
         print(f"KL {s['kl']:.3f} ± {s['kl_se']:.3f} (√KL {s['sqrt_kl']:.3f}), length {s['length']:.1f}, "
               f"top-10 entropy {s['top10_entropy']:.3f}, top-10 mass {s['top10_mass']:.3f}, n={s['n']}")
         print(f"wrote {out} and {out.with_suffix('.summary.json')}")
-    training.finish(env)
 
 
 if __name__ == "__main__":

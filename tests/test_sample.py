@@ -153,6 +153,19 @@ def test_run_directory_and_default_out(env):
     assert len(rows) == 2 and summary["n"] == 2 and not list((env / "run").glob("*.tmp"))
 
 
+def test_several_checkpoints_in_one_call_equal_one_at_a_time(env, tmp_path):
+    for name in ("a", "b"):
+        shutil.copytree(env / "run" / "ckpt-100" if name == "a" else env / "greedy", tmp_path / "run" / f"ckpt-{name}")
+    args = ["--ref", str(env / "sft"), "--prompts", str(env / "eval_prompts.jsonl"), "--n", "3", "--max-new-tokens", "5"]
+    sample.main(["--ckpt", str(tmp_path / "run" / "ckpt-a"), str(tmp_path / "run" / "ckpt-b"), *args])
+    for name in ("a", "b"):
+        together = (tmp_path / "run" / f"samples-ckpt-{name}.jsonl").read_text()
+        sample.main(["--ckpt", str(tmp_path / "run" / f"ckpt-{name}"), "--out", str(tmp_path / f"{name}.jsonl"), *args])
+        assert together == (tmp_path / f"{name}.jsonl").read_text()
+    with pytest.raises(ValueError, match="--out names one file"):
+        sample.main(["--ckpt", str(tmp_path / "run" / "ckpt-a"), str(tmp_path / "run" / "ckpt-b"), "--out", "x.jsonl", *args])
+
+
 def test_bad_prompts_fail_with_one_line(env, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"id": "1", "prompt": "a", "reference": "b"}\n{"id": "2", "prompt": "a"}\n')
