@@ -207,13 +207,14 @@ def _json(path):
 
 
 def _model_name(args):
-    """sft.py's --model; for daa.py, the --model of the SFT run that its --init points into."""
+    """sft.py's --model (its last path component: EleutherAI/pythia-1b -> pythia-1b); for daa.py,
+    the --model of the SFT run that its --init points into."""
     if "model" in args:
-        return str(args["model"])
+        return Path(str(args["model"])).name
     init = Path(str(args.get("init", "")))
     for run in (init, init.parent):  # out/sft, or out/sft/ckpt-N and out/sft/latest
         if "model" in (sft_args := _json(run / "args.json")):
-            return str(sft_args["model"])
+            return Path(str(sft_args["model"])).name
     return str(args.get("init", "model"))
 
 

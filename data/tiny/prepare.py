@@ -16,9 +16,9 @@ labeller, while win rates come from a *gold* reward the judge computes exactly:
   learns to pad, and the gold reward falls: over-optimization.
 
 Writes the standard prepared files (DESIGN.md), `gold.json` (what the gold
-judge needs) and `model/`: a tiny GPT-NeoX config plus the task's word-level
+judge needs) and `gpt-neox-tiny/`: a tiny GPT-NeoX config plus the task's word-level
 tokenizer (a tiktoken encoding over a 44-word vocabulary), ready for
-`sft.py --model DIR/model`.
+`sft.py --model DIR/gpt-neox-tiny`.
 """
 import argparse
 import json
@@ -39,6 +39,7 @@ FILLER = ["really", "just", "very", "so", "maybe", "like", "then", "also", "stil
           "basically", "honestly", "kind", "sort", "pretty", "quite", "anyway", "literally", "totally", "somehow",
           "apparently", "seriously", "probably", "definitely", "simply", "mostly", "rather", "almost", "lately", "again"]
 SPLIT = r" ?[^\s]+|\s+"  # a piece is one word with its leading space (or whitespace)
+MODEL_DIR = "gpt-neox-tiny"  # config.json + tokenizer.json: sft.py starts it from a random init
 
 
 def make_post(rng):
@@ -122,7 +123,7 @@ def main():
     p.add_argument("--eval-prompts", type=int, default=600, help="rows of eval_prompts.jsonl")
     p.add_argument("--gold-scale", type=float, default=3.0, help="labeller's weight on the gold reward difference")
     p.add_argument("--length-bias", type=float, default=0.5, help="labeller's spurious bonus per extra word")
-    p.add_argument("--hidden-size", type=int, default=64, help="width of the tiny GPT-NeoX in model/")
+    p.add_argument("--hidden-size", type=int, default=64, help=f"width of the tiny GPT-NeoX in {MODEL_DIR}/")
     p.add_argument("--layers", type=int, default=2, help="layers of the tiny GPT-NeoX")
     p.add_argument("--heads", type=int, default=4, help="attention heads of the tiny GPT-NeoX")
     args = p.parse_args()
@@ -135,10 +136,10 @@ def main():
         write_jsonl(tmp / "pref_eval.jsonl", preference_rows(rng, args.eval_pairs, args.gold_scale, args.length_bias))
         write_jsonl(tmp / "eval_prompts.jsonl", eval_rows(rng, args.eval_prompts))
         (tmp / "gold.json").write_text(json.dumps({"important": IMPORTANT}) + "\n")
-        (tmp / "model").mkdir()
-        write_model_dir(tmp / "model", args)
+        (tmp / MODEL_DIR).mkdir()
+        write_model_dir(tmp / MODEL_DIR, args)
     print(f"wrote {out_dir}: {args.sft_examples} SFT rows, {args.pref_examples} preference pairs, "
-          f"{args.eval_prompts} eval prompts; model config and tokenizer in {out_dir / 'model'}")
+          f"{args.eval_prompts} eval prompts; model config and tokenizer in {out_dir / MODEL_DIR}")
 
 
 if __name__ == "__main__":
