@@ -97,7 +97,7 @@ def main():
                    help="comma-separated NxDxV: tokens x hidden size x vocabulary")
     p.add_argument("--chunk-size", type=int, default=0, help="fused chunk size (default 0: logprobs' rule)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each subprocess (default 0: torch's)")
-    p.add_argument("--rounds", type=int, default=2, help="subprocesses per variant and shape, alternating")
+    p.add_argument("--rounds", type=int, default=3, help="subprocesses per variant and shape, alternating")
     p.add_argument("--repeat", type=int, default=2, help="measured forward+backward calls per subprocess (>= 1)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
