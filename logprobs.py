@@ -1,7 +1,8 @@
 """Per-token log-probabilities log π(y_t | x, y_<t) without materialising [tokens × vocab].
 
-Every DAA quantity (Eq. 4's implicit rewards, the KL of the x-axis of Fig. 1, the
-SFT loss) is a sum of per-token log-probs. The naive way,
+Every DAA quantity (Eq. 4's implicit rewards, the KL that the over-optimization
+curves are plotted against, the SFT loss) is a sum of per-token log-probs. The
+naive way,
 
     logits = hidden @ weight.T                              # [N, V]
     logp = logits.log_softmax(-1).gather(1, targets[:, None])  # another [N, V]
