@@ -134,8 +134,10 @@ def token_logprobs(hidden, weight, targets, chunk_size=None):
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size or default_chunk_size(n, d, weight.shape[0]))
 
 
-def sequence_logps(model, input_ids, labels, attention_mask=None):
+def sequence_logps(model, input_ids, labels, attention_mask=None, return_hidden=False):
     """Σ_t log π(y_t | x, y_<t) over each row's response tokens: [B, T] ids and labels -> [B] float32.
+    With `return_hidden`, also the final-norm hidden states [B, T, D] it computed on the way
+    (sample.py reads other statistics from them without a second forward).
 
     Labels are the ids with -100 on prompt and padding; position t's output predicts
     labels[:, t + 1]. Only positions that predict a response token reach the
@@ -150,4 +152,5 @@ def sequence_logps(model, input_ids, labels, attention_mask=None):
     scored = targets != IGNORE
     logp = token_logprobs(hidden[:, :-1][scored], weight, targets[scored])
     rows = scored.nonzero(as_tuple=True)[0]
-    return torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    logps = torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return (logps, hidden) if return_hidden else logps

@@ -101,9 +101,9 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
         keep[i, :len(toks)] = True
     full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, keep.long()], 1)
     labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), -100)
-    policy_logp = sequence_logps(policy, full, labels, full_mask)  # temperature 1: the policy itself
+    policy_logp, hidden = sequence_logps(policy, full, labels, full_mask, return_hidden=True)  # temperature 1
     ref_logp = sequence_logps(ref, full, labels, full_mask)
-    entropy, mass = top10_indicators(policy(full, full_mask, return_hidden=True), policy.embed_out.weight, labels)
+    entropy, mass = top10_indicators(hidden, policy.embed_out.weight, labels)
     return [{"sample_tokens": s, "length": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
              "policy_logp": policy_logp[i].item(), "ref_logp": ref_logp[i].item(),
              "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
@@ -205,8 +205,8 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
         rows.sort(key=lambda r: order[r["id"]])
         s = summarize(rows, args, ckpt)
         out.parent.mkdir(parents=True, exist_ok=True)
-        training._write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-        training._write_atomic(out.with_suffix(".summary.json"), json.dumps(s, indent=2) + "\n")
+        training.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+        training.write_atomic(out.with_suffix(".summary.json"), json.dumps(s, indent=2) + "\n")
         print(f"KL {s['kl']:.3f} ± {s['kl_se']:.3f} (√KL {s['sqrt_kl']:.3f}), length {s['length']:.1f}, "
               f"top-10 entropy {s['top10_entropy']:.3f}, top-10 mass {s['top10_mass']:.3f}, n={s['n']}")
         print(f"wrote {out} and {out.with_suffix('.summary.json')}")

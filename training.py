@@ -328,7 +328,8 @@ def train_step(model, optimizer, batches, loss_fn, env, args, step):
 
 # ---------------------------------------------------------------- run directory, checkpoints, resume
 
-def _write_atomic(path, text):
+def write_atomic(path, text):
+    """Write `text` to `path` via a temporary file and a rename: readers never see half a file."""
     tmp = Path(f"{path}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -358,11 +359,11 @@ def prepare_out(args, env):
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         if not args_file.exists():
-            _write_atomic(args_file, json.dumps(flags, indent=2) + "\n")
+            write_atomic(args_file, json.dumps(flags, indent=2) + "\n")
         metrics = out / "metrics.jsonl"
         if metrics.exists():
             keep = [l for l in metrics.read_text().splitlines() if state and json.loads(l)["step"] <= state["step"]]
-            _write_atomic(metrics, "".join(l + "\n" for l in keep))
+            write_atomic(metrics, "".join(l + "\n" for l in keep))
     barrier(env)
     if state and state["step"] < state["total_steps"]:
         rng = state["rng"][min(env.rank, len(state["rng"]) - 1)]
