@@ -51,7 +51,7 @@ TINY = {
     "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n
     "quick": {  # --quick: plumbing in about a minute per seed
         "sft_examples": 2000, "pref_examples": 1024, "eval_prompts": 64, "checkpoints": 3,
-        "warmup": 4,  # of its 16 DAA steps
+        "warmup": 4, "eval_examples": 128,  # 16 DAA steps
         "betas": {"dpo": [0.1], "ipo": [0.1], "slic": [0.1]},
     },
     "scaling": {  # --scaling (issue 14): three sizes, each its own SFT reference; two arms at the middle size
@@ -224,7 +224,7 @@ def build(S, seeds):
     so that what is already done is decided then (dry: checkpoint names from the plan, not disk)."""
     T, P = S.tokens, S.plan
     jobs = [job("prepare", "prepare", [], lambda dry: iter([
-        step("prepare: data exists", log=None) if S.data.is_dir() else step("prepare", S.prepare, S.out / "prepare.log")]))]
+        step(f"prepare {S.data}: exists") if S.data.is_dir() else step("prepare", S.prepare, S.out / "prepare.log")]))]
     evals = []
     for model in S.models:
         n = S.params[model]
@@ -252,7 +252,7 @@ def build(S, seeds):
         jobs.append(job(f"judge {run}", "judge", [f"sample {run}"], judge_steps(S, run, planned), S.judge_slot))
     runs = [str(run) for _, run, _, _ in evals]
     jobs.append(job("fit", "fit", [j.name for j in jobs if j.stage == "judge"],
-                    lambda dry: iter([step("fit", ["python", "fit.py", *runs, "--out", S.out / "fit"])])))
+                    lambda dry: iter([step("fit", ["python", "fit.py", *runs, "--out", S.out / "fit"], S.out / "fit.log")])))
     if S.summary:
         jobs.append(job("summary", "summary", ["fit"], lambda dry: iter([step("summary", S.summary)])))
     return jobs
@@ -315,7 +315,7 @@ def dry_run(jobs, S):
 
 
 def start(s, env):
-    """Popen one step, its output appended to its log (or inherited: fit, summary)."""
+    """Popen one step, its output appended to its log (or on the console: the summary's table)."""
     print(show(s), flush=True)
     argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(s.argv)]
     log = None
