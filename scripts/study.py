@@ -87,6 +87,7 @@ GPU = {"name": "A100 bf16 dense", "peak": 312e12}
 MFU = {"train": 0.35, "sample": 0.05}  # decoding is memory-bound: far below the training MFU
 JUDGE_PRICE = {"model": "gpt-4-turbo", "in": 10e-6, "out": 30e-6}  # US$ per token (OpenAI's list price)
 STAGES = ("prepare", "sft", "daa", "sample", "judge", "fit", "summary")
+PLAN = ("batch_size", "sft_examples", "pref_examples", "checkpoints", "eval_prompts", "eval_examples")
 
 
 # ---------------------------------------------------------------- presets -> one settings object
@@ -101,7 +102,8 @@ def tiny(args):
               "--optimizer", cfg["optimizer"], "--log-interval", 100]
     prepare = ["python", "data/tiny/prepare.py", "--out-dir", data, "--sft-examples", cfg["sft_examples"],
                "--pref-examples", cfg["pref_examples"], "--eval-prompts", cfg["eval_prompts"], *cfg["prepare_flags"]]
-    prepare += (["--labeller", args.labeller] if args.labeller else []) + (["--no-byte-fallback"] * args.no_byte_fallback)
+    prepare += ["--labeller", args.labeller] if args.labeller else []
+    prepare += ["--no-byte-fallback"] if args.no_byte_fallback else []
     return SimpleNamespace(
         out=out, data=data, prepare=prepare, models={m: data / d for m, d in cfg["models"].items()},
         launch=lambda model: ["python"],
@@ -113,9 +115,7 @@ def tiny(args):
         judge_flags=["--judge", "gold", "--task", "tiny", "--gold-spec", data / "gold.json"],
         summary=["python", "scripts/tiny_summary.py", out], env={"OMP_NUM_THREADS": "1"}, judge_slot="main", slots={},
         params={m: tiny_params(data / d) for m, d in cfg["models"].items()},
-        plan={"batch": cfg["batch_size"], "sft": cfg["sft_examples"], "pairs": cfg["pref_examples"],
-              "checkpoints": cfg["checkpoints"], "eval_prompts": cfg["eval_prompts"],
-              "eval_pairs": cfg["eval_examples"]}, tokens=cfg["tokens"])
+        plan={k: cfg[k] for k in PLAN}, tokens=cfg["tokens"])
 
 
 def paper(args):
@@ -142,9 +142,7 @@ def paper(args):
         sample_flags=["--num-prompts", cfg["eval_prompts"]],  # torchrun takes --n as its own
         judge_flags=[], summary=None, env={}, judge_slot="api", slots={"api": 2},  # judging beside the GPU jobs
         params={m: count_params(PYTHIA[m]) for m in args.sizes},
-        plan={"batch": cfg["batch_size"], "sft": cfg["sft_examples"], "pairs": cfg["pref_examples"],
-              "checkpoints": cfg["checkpoints"], "eval_prompts": cfg["eval_prompts"],
-              "eval_pairs": cfg["eval_examples"]}, tokens=cfg["tokens"])
+        plan={k: cfg[k] for k in PLAN}, tokens=cfg["tokens"])
 
 
 def runs(models, betas, arms):
@@ -178,18 +176,13 @@ def state(run):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def finished(run):
-    s = state(run)
-    return s is not None and s["step"] == s["total_steps"]
-
-
 def checkpoints(run):
     return sorted((p for p in Path(run).glob("ckpt-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
 
 
 def planned_checkpoints(S, n_examples, n_checkpoints):
     """The ckpt-<examples> names a run will write (training.make_plan's spacing), for --dry-run."""
-    plan = training.make_plan(SimpleNamespace(batch_size=S.plan["batch"], micro_batch_size=S.plan["batch"],
+    plan = training.make_plan(SimpleNamespace(batch_size=S.plan["batch_size"], micro_batch_size=S.plan["batch_size"],
                                               epochs=1, checkpoints=n_checkpoints, seed=0),
                               SimpleNamespace(world=1, rank=0), n_examples)
     return [f"ckpt-{step * plan.batch_size}" for step in plan.checkpoint_steps]
@@ -231,28 +224,29 @@ def build(S, seeds):
         for seed in seeds:
             home = S.out / model / f"s{seed}"
             sft = home / "sft"
-            sft_cost = {"train": train_flops(n, P["sft"] * (T["prompt"] + T["response"]))}
+            sft_cost = {"train": train_flops(n, P["sft_examples"] * (T["prompt"] + T["response"]))}
             jobs.append(train_job(f"sft {sft}", "sft", ["prepare"], sft, S.launch(model) + [
                 "sft.py", "--model", S.models[model], "--out", sft, "--seed", seed, *S.sft_flags(model)], sft_cost))
-            evals.append((model, sft, sft, planned_checkpoints(S, P["sft"], 1)))
+            evals.append((model, sft, sft, planned_checkpoints(S, P["sft_examples"], 1)))
             for m, name, flags in S.runs:
                 if m != model:
                     continue
                 run = home / name
-                seqs = 2 * P["pairs"] + 4 * P["eval_pairs"] * P["checkpoints"]  # π_ref on train; π, π_ref on eval
-                cost = {"train": train_flops(n, 2 * P["pairs"] * (T["prompt"] + T["response"]))
+                # π_ref on the training pairs; π and π_ref on the held-out pairs at every checkpoint
+                seqs = 2 * P["pref_examples"] + 4 * P["eval_examples"] * P["checkpoints"]
+                cost = {"train": train_flops(n, 2 * P["pref_examples"] * (T["prompt"] + T["response"]))
                         + forward_flops(n, seqs * (T["prompt"] + T["response"]))}  # π_ref, and evaluation
                 jobs.append(train_job(f"daa {run}", "daa", [f"sft {sft}"], run, S.launch(model) + [
                     "daa.py", "--init", sft, "--out", run, "--seed", seed, *flags, *S.daa_flags(model)], cost))
-                evals.append((model, run, sft, planned_checkpoints(S, P["pairs"], P["checkpoints"])))
+                evals.append((model, run, sft, planned_checkpoints(S, P["pref_examples"], P["checkpoints"])))
     for model, run, sft, planned in evals:
         trained = f"sft {run}" if run == sft else f"daa {run}"
         jobs.append(job(f"sample {run}", "sample", [trained], sample_steps(S, model, run, sft, planned)))
     for model, run, sft, planned in evals:
         jobs.append(job(f"judge {run}", "judge", [f"sample {run}"], judge_steps(S, run, planned), S.judge_slot))
-    runs = [str(run) for _, run, _, _ in evals]
+    fit = ["python", "fit.py", *[run for _, run, _, _ in evals], "--out", S.out / "fit"]
     jobs.append(job("fit", "fit", [j.name for j in jobs if j.stage == "judge"],
-                    lambda dry: iter([step("fit", ["python", "fit.py", *runs, "--out", S.out / "fit"], S.out / "fit.log")])))
+                    lambda dry: iter([step("fit", fit, S.out / "fit.log")])))
     if S.summary:
         jobs.append(job("summary", "summary", ["fit"], lambda dry: iter([step("summary", S.summary)])))
     return jobs

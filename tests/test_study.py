@@ -61,7 +61,8 @@ def test_paper_sizes_and_nproc(tmp_path):
     lines = study("paper_study.sh", tmp_path / "p", "--dry-run", "--sizes", "pythia-410m", "--nproc", "8")
     sft = script_runs(commands(lines), "sft.py")
     assert [flag(c, "--model") for c in sft] == ["EleutherAI/pythia-410m"]
-    assert flag(sft[0], "--nproc_per_node") == "8" and flag(sft[0], "--micro-batch-size") == "2"  # App. B: 8 accumulation steps
+    assert flag(sft[0], "--nproc_per_node") == "8"
+    assert flag(sft[0], "--micro-batch-size") == "2"  # App. B: 128 = 8 accumulation steps × 8 processes × 2
 
 
 def test_tiny_scaling_plan_with_seeds(tmp_path):
