@@ -106,7 +106,7 @@ def tiny(args):
     prepare += ["--no-byte-fallback"] if args.no_byte_fallback else []
     return SimpleNamespace(
         out=out, data=data, prepare=prepare, models={m: data / d for m, d in cfg["models"].items()},
-        launch=lambda model: ["python"],
+        launch=lambda model: ["python"], nproc=lambda model: 1,
         sft_flags=lambda model: common + ["--lr", cfg["sft_lr"], "--warmup", cfg["sft_warmup"], "--checkpoints", 1],
         daa_flags=lambda model: common + ["--lr", cfg["lr"], "--warmup", cfg["warmup"], "--checkpoints",
                                           cfg["checkpoints"], "--eval-examples", cfg["eval_examples"]],
@@ -135,7 +135,7 @@ def paper(args):
     return SimpleNamespace(
         out=out, data=data, prepare=["python", "data/tldr/prepare.py", "--out-dir", data],
         models={m: f"EleutherAI/{m}" for m in args.sizes},
-        launch=lambda model: ["torchrun", "--standalone", "--nproc_per_node", nproc(model)],
+        launch=lambda model: ["torchrun", "--standalone", "--nproc_per_node", nproc(model)], nproc=nproc,
         sft_flags=train_flags,
         daa_flags=lambda model: train_flags(model) + ["--eval-examples", cfg["eval_examples"]],
         runs=runs(args.sizes, cfg["betas"], []),
@@ -224,7 +224,7 @@ def build(S, seeds):
         for seed in seeds:
             home = S.out / model / f"s{seed}"
             sft = home / "sft"
-            sft_cost = {"train": train_flops(n, P["sft_examples"] * (T["prompt"] + T["response"]))}
+            sft_cost = {"model": model, "train": train_flops(n, P["sft_examples"] * (T["prompt"] + T["response"]))}
             jobs.append(train_job(f"sft {sft}", "sft", ["prepare"], sft, S.launch(model) + [
                 "sft.py", "--model", S.models[model], "--out", sft, "--seed", seed, *S.sft_flags(model)], sft_cost))
             evals.append((model, sft, sft, planned_checkpoints(S, P["sft_examples"], 1)))
@@ -234,7 +234,7 @@ def build(S, seeds):
                 run = home / name
                 # π_ref on the training pairs; π and π_ref on the held-out pairs at every checkpoint
                 seqs = 2 * P["pref_examples"] + 4 * P["eval_examples"] * P["checkpoints"]
-                cost = {"train": train_flops(n, 2 * P["pref_examples"] * (T["prompt"] + T["response"]))
+                cost = {"model": model, "train": train_flops(n, 2 * P["pref_examples"] * (T["prompt"] + T["response"]))
                         + forward_flops(n, seqs * (T["prompt"] + T["response"]))}  # π_ref, and evaluation
                 jobs.append(train_job(f"daa {run}", "daa", [f"sft {sft}"], run, S.launch(model) + [
                     "daa.py", "--init", sft, "--out", run, "--seed", seed, *flags, *S.daa_flags(model)], cost))
@@ -270,7 +270,7 @@ def sample_steps(S, model, run, sft, planned):
             yield step(f"sample {run}: every checkpoint has its samples-<ckpt>.summary.json")
             return
         n, T = S.params[model], S.tokens
-        cost = {"sample": 3 * forward_flops(n, len(todo) * S.plan["eval_prompts"] * (T["prompt"] + T["sample"]))}
+        cost = {"model": model, "sample": 3 * forward_flops(n, len(todo) * S.plan["eval_prompts"] * (T["prompt"] + T["sample"]))}
         yield step(f"sample {run}", S.launch(model) + ["sample.py", "--ckpt", *[run / c for c in todo],
                    "--ref", sft / "latest", "--prompts", S.data / "eval_prompts.jsonl", *S.sample_flags],
                    f"{run}.log", cost)  # generation, then policy and reference log-probs: three forwards
@@ -298,13 +298,16 @@ def show(s):
 
 
 def dry_run(jobs, S):
-    total = {}
+    total, hours = {}, {}  # FLOPs and judgments; GPU-hours per model
     for j in jobs:
         for s in j.steps(True):
             print(show(s))
             for k, v in s.cost.items():
-                total[k] = total.get(k, 0) + v
-    for line in estimate(total, S):
+                if k != "model":
+                    total[k] = total.get(k, 0) + v
+            if "model" in s.cost:
+                hours[s.cost["model"]] = hours.get(s.cost["model"], 0) + gpu_hours(s.cost)
+    for line in estimate(total, hours, S):
         print(line)
 
 
@@ -399,16 +402,21 @@ def forward_flops(n, tokens):
     return 2 * n * tokens
 
 
-def estimate(total, S):
+def gpu_hours(flops):
+    return sum(flops.get(k, 0) / (GPU["peak"] * MFU[k]) for k in MFU) / 3600
+
+
+def estimate(total, by_model, S):
     """Comment lines: GPU-hours and judge cost of the commands printed above, with the assumptions."""
-    T = S.tokens
-    gpu_s = lambda k: total.get(k, 0) / (GPU["peak"] * MFU[k])  # noqa: E731
-    hours = (gpu_s("train") + gpu_s("sample")) / 3600
+    T, hours = S.tokens, gpu_hours(total)
     n_judge = total.get("judgments", 0)
     cost = n_judge * (T["judge_in"] * JUDGE_PRICE["in"] + T["judge_out"] * JUDGE_PRICE["out"])
     flops = "FLOPs unknown until OUT/data holds the model configs" if math.isnan(hours) else \
         f"{total.get('train', 0):.2e} training + {total.get('sample', 0):.2e} sampling FLOPs ≈ {hours:,.1f} GPU-hours"
-    return [f"# estimate (arithmetic, not a measurement) of the commands above: {flops}; "
+    per_model = ", ".join(f"{m} {h:,.1f} GPU-hours ({h / S.nproc(m):,.1f} h on {S.nproc(m)} GPUs)"
+                          for m, h in by_model.items() if not math.isnan(h))
+    return [f"# estimate per model: {per_model or 'n/a'}",
+            f"# estimate (arithmetic, not a measurement) of the commands above: {flops}; "
             f"judge: {n_judge:,} judgments ≈ ${cost:,.0f}",
             f"# assumed: training 6·N FLOPs per token (forward + backward), reference, evaluation and sampling "
             f"forwards 2·N (sampling: generation, then policy and reference scoring); {T['prompt']} prompt, "
