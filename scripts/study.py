@@ -215,29 +215,23 @@ def job(name, stage, deps, steps, slot="main"):
 def build(S, seeds):
     """Every job of the study, in stage order; `steps(dry)` yields its steps when the job starts,
     so that what is already done is decided then (dry: checkpoint names from the plan, not disk)."""
-    T, P = S.tokens, S.plan
+    P = S.plan
     jobs = [job("prepare", "prepare", [], lambda dry: iter([
         step(f"prepare {S.data}: exists") if S.data.is_dir() else step("prepare", S.prepare, S.out / "prepare.log")]))]
     evals = []
     for model in S.models:
-        n = S.params[model]
         for seed in seeds:
             home = S.out / model / f"s{seed}"
             sft = home / "sft"
-            sft_cost = {"model": model, "train": train_flops(n, P["sft_examples"] * (T["prompt"] + T["response"]))}
             jobs.append(train_job(f"sft {sft}", "sft", ["prepare"], sft, S.launch(model) + [
-                "sft.py", "--model", S.models[model], "--out", sft, "--seed", seed, *S.sft_flags(model)], sft_cost))
+                "sft.py", "--model", S.models[model], "--out", sft, "--seed", seed, *S.sft_flags(model)], sft_cost(S, model)))
             evals.append((model, sft, sft, planned_checkpoints(S, P["sft_examples"], 1)))
             for m, name, flags in S.runs:
                 if m != model:
                     continue
                 run = home / name
-                # π_ref on the training pairs; π and π_ref on the held-out pairs at every checkpoint
-                seqs = 2 * P["pref_examples"] + 4 * P["eval_examples"] * P["checkpoints"]
-                cost = {"model": model, "train": train_flops(n, 2 * P["pref_examples"] * (T["prompt"] + T["response"]))
-                        + forward_flops(n, seqs * (T["prompt"] + T["response"]))}  # π_ref, and evaluation
                 jobs.append(train_job(f"daa {run}", "daa", [f"sft {sft}"], run, S.launch(model) + [
-                    "daa.py", "--init", sft, "--out", run, "--seed", seed, *flags, *S.daa_flags(model)], cost))
+                    "daa.py", "--init", sft, "--out", run, "--seed", seed, *flags, *S.daa_flags(model)], daa_cost(S, model)))
                 evals.append((model, run, sft, planned_checkpoints(S, P["pref_examples"], P["checkpoints"])))
     for model, run, sft, planned in evals:
         trained = f"sft {run}" if run == sft else f"daa {run}"
@@ -269,11 +263,9 @@ def sample_steps(S, model, run, sft, planned):
         if not todo:
             yield step(f"sample {run}: every checkpoint has its samples-<ckpt>.summary.json")
             return
-        n, T = S.params[model], S.tokens
-        cost = {"model": model, "sample": 3 * forward_flops(n, len(todo) * S.plan["eval_prompts"] * (T["prompt"] + T["sample"]))}
         yield step(f"sample {run}", S.launch(model) + ["sample.py", "--ckpt", *[run / c for c in todo],
                    "--ref", sft / "latest", "--prompts", S.data / "eval_prompts.jsonl", *S.sample_flags],
-                   f"{run}.log", cost)  # generation, then policy and reference log-probs: three forwards
+                   f"{run}.log", sample_cost(S, model, len(todo)))
     return steps
 
 
@@ -394,12 +386,25 @@ def execute(jobs, S, n_jobs):
 
 # ---------------------------------------------------------------- the --dry-run estimate
 
-def train_flops(n, tokens):
-    return 6 * n * tokens  # forward and backward: 6 FLOPs per parameter and token
+def sft_cost(S, model):
+    """FLOPs of one SFT epoch: forward and backward, 6 per parameter and token."""
+    T = S.tokens
+    return {"model": model, "train": 6 * S.params[model] * S.plan["sft_examples"] * (T["prompt"] + T["response"])}
 
 
-def forward_flops(n, tokens):
-    return 2 * n * tokens
+def daa_cost(S, model):
+    """The policy's forward and backward on chosen and rejected (two sequences), π_ref's forward on them,
+    and the forwards of π and π_ref on the held-out pairs at every checkpoint (2 per parameter and token)."""
+    P, n, seq = S.plan, S.params[model], S.tokens["prompt"] + S.tokens["response"]
+    forwards = 2 * P["pref_examples"] + 4 * P["eval_examples"] * P["checkpoints"]
+    return {"model": model, "train": 6 * n * 2 * P["pref_examples"] * seq + 2 * n * forwards * seq}
+
+
+def sample_cost(S, model, n_checkpoints):
+    """Generation, then the policy's and the reference's log-probs: three forwards over prompt + sample."""
+    T = S.tokens
+    tokens = n_checkpoints * S.plan["eval_prompts"] * (T["prompt"] + T["sample"])
+    return {"model": model, "sample": 3 * 2 * S.params[model] * tokens}
 
 
 def gpu_hours(flops):

@@ -4,17 +4,26 @@ done is skipped, that a half-done stage resumes, and that --seeds 2 adds the sec
 import json
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import study as driver  # noqa: E402
 
 
 def study(script, out, *flags):
     done = subprocess.run(["bash", ROOT / "scripts" / script, out, *flags], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout.splitlines()
+
+
+def plan(capsys, *argv):
+    """The --dry-run plan, in this process (the wrappers' own test is test_paper_dry_run_plan)."""
+    driver.main([*map(str, argv), "--dry-run"])
+    return capsys.readouterr().out.splitlines()
 
 
 def commands(lines):
@@ -57,16 +66,16 @@ def test_paper_dry_run_plan(tmp_path):
     assert "GPU-hours" in lines[-2] and "judgments" in lines[-2] and "$" in lines[-2] and "MFU" in lines[-1]
 
 
-def test_paper_sizes_and_nproc(tmp_path):
-    lines = study("paper_study.sh", tmp_path / "p", "--dry-run", "--sizes", "pythia-410m", "--nproc", "8")
+def test_paper_sizes_and_nproc(tmp_path, capsys):
+    lines = plan(capsys, "paper", tmp_path / "p", "--sizes", "pythia-410m", "--nproc", "8")
     sft = script_runs(commands(lines), "sft.py")
     assert [flag(c, "--model") for c in sft] == ["EleutherAI/pythia-410m"]
     assert flag(sft[0], "--nproc_per_node") == "8"
     assert flag(sft[0], "--micro-batch-size") == "2"  # App. B: 128 = 8 accumulation steps × 8 processes × 2
 
 
-def test_tiny_scaling_plan_with_seeds(tmp_path):
-    lines = study("tiny_study.sh", tmp_path / "t", "--scaling", "--quick", "--seeds", "2", "--dry-run")
+def test_tiny_scaling_plan_with_seeds(tmp_path, capsys):
+    lines = plan(capsys, "tiny", tmp_path / "t", "--scaling", "--quick", "--seeds", "2")
     cmds = commands(lines)
     sft = script_runs(cmds, "sft.py")
     assert sorted((Path(flag(c, "--model")).name, flag(c, "--seed")) for c in sft) == [
@@ -136,8 +145,8 @@ def test_a_half_done_stage_resumes(quick):
 
 def test_other_data_flags_refuse(quick):
     out, _ = quick
-    done = subprocess.run(["bash", ROOT / "scripts/tiny_study.sh", out, "--dry-run"], capture_output=True, text=True)
-    assert done.returncode == 1 and "use a new OUT" in done.stderr and done.stderr.count("\n") == 1
+    with pytest.raises(ValueError, match="was prepared by .*--eval-prompts 64.*not .*--eval-prompts 600.*use a new OUT"):
+        driver.main(["tiny", str(out), "--dry-run"])  # the full study's data flags on --quick's data
 
 
 def test_second_seed(quick):
