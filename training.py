@@ -162,21 +162,27 @@ def encode(tok, prompt, responses, max_length):
     """(input_ids, labels) for prompt + each response + EOS, all sharing one truncated prompt.
 
     Labels are the ids on response tokens and IGNORE on the prompt, so only the response is
-    scored. When too long, a response keeps at least half the budget and the prompt loses
-    tokens from its middle: its start (subreddit, title) and its last line, the instruction
-    the model answers ("TL;DR:", "Assistant:"), survive. Pairs share the prompt cut so
-    that chosen and rejected are scored on the same context.
+    scored. When too long, a response keeps at least half the budget and the prompt is cut
+    from its middle (cut_prompt). Pairs share the prompt cut so that chosen and rejected are
+    scored on the same context.
     """
     p = tok.encode(prompt)
     rs = [tok.encode(r) + [tok.eos_id] for r in responses]
     r_budget = max(max_length - len(p), max_length // 2)
     rs = [r[:r_budget] for r in rs]
-    p_budget = max_length - max(len(r) for r in rs)
-    if len(p) > p_budget:
-        last_line = prompt[prompt.rstrip().rfind("\n"):]  # "\nTL;DR:"; the whole prompt if it has no newline
-        n_tail = min(len(tok.encode(last_line)), p_budget // 2)
-        p = p[:p_budget - n_tail] + p[len(p) - n_tail:]
+    p = cut_prompt(tok, prompt, p, max_length - max(len(r) for r in rs))
     return [(p + r, [IGNORE] * len(p) + r) for r in rs]
+
+
+def cut_prompt(tok, prompt, ids, budget):
+    """`prompt`'s token ids `ids` cut to at most `budget` tokens, from the middle: its start
+    (subreddit, title) and its last line, the instruction the model answers ("TL;DR:",
+    "Assistant:"), survive. The one rule for training (encode) and sampling (sample.py)."""
+    if len(ids) <= budget:
+        return ids
+    last_line = prompt[prompt.rstrip().rfind("\n"):]  # "\nTL;DR:"; the whole prompt if it has no newline
+    n_tail = min(len(tok.encode(last_line)), budget // 2)
+    return ids[:budget - n_tail] + ids[len(ids) - n_tail:]
 
 
 def collate(seqs, pad_id, device):
