@@ -1,7 +1,12 @@
 """download.py and GPTNeoX.from_pretrained's hub path against a fake hub on 127.0.0.1."""
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,6 +16,7 @@ from safetensors.torch import save_file
 import download
 from model import Config, GPTNeoX
 
+SLEEP = time.sleep  # the real one: the hub fixture turns time.sleep off (no backoff waits in tests)
 # Weights of about 2.2 MB: more than one of download.py's 1 MiB read blocks lies before the drop point.
 TINY = Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
@@ -18,8 +24,8 @@ TINY = Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attentio
 class FakeHub(BaseHTTPRequestHandler):
     """Serves `files` ({url path: bytes}) the way the hub does: HEAD reports size and, for
     weights (LFS files), sha256; GET honours Range. A path in `drop` loses its connection
-    halfway through the body, once."""
-    files, drop, log, lie_sha, honour_range = {}, set(), [], False, True
+    halfway through the body, once. `delay` seconds pass before each 64 KiB of a body (a slow link)."""
+    files, drop, log, lie_sha, honour_range, delay = {}, set(), [], False, True, 0.0
 
     def do_HEAD(self):
         self.log.append(("HEAD", self.path, None, self.headers.get("Authorization")))
@@ -48,11 +54,16 @@ class FakeHub(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        end = len(body)
         if self.path in self.drop:
             self.drop.discard(self.path)
-            self.wfile.write(body[start:len(body) // 2])  # then the connection closes early
-            return
-        self.wfile.write(body[start:])
+            end = len(body) // 2  # then the connection closes early
+        try:
+            for i in range(start, end, 1 << 16):
+                SLEEP(self.delay)
+                self.wfile.write(body[i:min(i + (1 << 16), end)])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client was killed
 
     def _status(self, code):
         self.send_response(code)
@@ -67,6 +78,7 @@ class FakeHub(BaseHTTPRequestHandler):
 def hub(monkeypatch, tmp_path):
     """A fresh fake hub and empty cache; the hub's weights are those of `model`."""
     FakeHub.files, FakeHub.drop, FakeHub.log, FakeHub.lie_sha, FakeHub.honour_range = {}, set(), [], False, True
+    FakeHub.delay = 0.0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
@@ -165,3 +177,53 @@ def test_missing_local_dir_is_not_sent_to_the_hub(hub, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         GPTNeoX.from_pretrained(str(tmp_path / "no" / "such" / "ckpt"))
     assert hub[0].log == []
+
+
+def in_subprocess(code):
+    env = dict(os.environ, PYTHONPATH=str(Path(download.__file__).parent))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_concurrent_fetches_of_one_file_all_end_with_the_verified_file(hub):
+    """Issue 17.1: four processes (torchrun ranks, or jobs sharing a cache) fetch one file at once from a
+    slow server that drops the connection once: one downloads under the lock, the others wait, and every
+    process ends holding the verified file."""
+    fake, _, tmp = hub
+    serve(fake, tmp / "src")
+    weights = "/EleutherAI/pythia-tiny/resolve/main/model.safetensors"
+    fake.drop.add(weights)
+    fake.delay = 0.02  # about 0.7 s per pass over the 2.2 MB file: the four processes overlap
+    procs = [in_subprocess("import download; p = download.hub_file('EleutherAI/pythia-tiny', 'model.safetensors'); "
+                           "print(download.sha256_of(p))") for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    expected = hashlib.sha256(fake.files[weights]).hexdigest()
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert out.strip() == expected
+    gets = [rng for method, path, rng, _ in fake.log if method == "GET" and path == weights]
+    assert len(gets) == 2 and gets[0] is None and gets[1].startswith("bytes=")  # one downloader, resumed once
+    cached = tmp / "cache" / "hub" / "EleutherAI" / "pythia-tiny" / "main"
+    assert sorted(p.name for p in cached.iterdir()) == ["model.safetensors"]  # no .part, no .lock left
+
+
+def test_a_killed_downloader_leaves_no_stale_lock(hub):
+    """The lock is the OS's: a SIGKILLed holder frees it, and the next process resumes its .part."""
+    fake, _, tmp = hub
+    serve(fake, tmp / "src")
+    weights = "/EleutherAI/pythia-tiny/resolve/main/model.safetensors"
+    fake.delay = 0.1
+    proc = in_subprocess("import download; download.hub_file('EleutherAI/pythia-tiny', 'model.safetensors')")
+    cached = tmp / "cache" / "hub" / "EleutherAI" / "pythia-tiny" / "main"
+    part = cached / "model.safetensors.part"
+    deadline = time.time() + 30
+    while not (part.exists() and part.stat().st_size > 0) and time.time() < deadline:
+        SLEEP(0.01)
+    proc.kill()
+    proc.communicate()
+    assert part.stat().st_size < len(fake.files[weights]) and (cached / "model.safetensors.lock").exists()
+    fake.delay = 0.0
+    path = download.hub_file("EleutherAI/pythia-tiny", "model.safetensors")  # would wait forever on a stale lock
+    assert path.read_bytes() == fake.files[weights]
+    gets = [rng for method, p, rng, _ in fake.log if method == "GET" and p == weights]
+    assert len(gets) == 2 and gets[-1].startswith("bytes=")  # resumed from the killed one's .part
