@@ -20,10 +20,10 @@ written beside it as `<out minus .jsonl>.summary.json`.
 """
 import argparse
 import json
-import string
 import os
 import random
 import re
+import string
 import sys
 import threading
 import time
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+import download
 from download import cache_dir
 
 # Our own wording, in the style of the DPO paper's GPT-4 judge prompts (Rafailov et al., 2023, App. C).
@@ -330,6 +331,8 @@ def main(argv=None):
 
     samples = {r["id"]: r for r in read_jsonl(args.samples, ("id", "prompt", "sample", "reference"))}
     out = Path(args.out) if args.out else default_out(args.samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    download.hold(f"{out}.lock", out)  # one writer per judgments file: a second judge.py on it refuses at once
     judged = {r["id"]: r for r in read_judged(out) if r["id"] in samples}
     todo = [r for r in samples.values() if r["id"] not in judged]
     if judged:
@@ -345,7 +348,6 @@ def main(argv=None):
         url, stop = args.base_url.rstrip("/") + "/chat/completions", threading.Event()
         work, threads = (lambda row: judge_llm(row, args, url, key, stop)), args.concurrency
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(out, "a") as f, ThreadPoolExecutor(threads) as pool:
         futures = [pool.submit(work, row) for row in todo]
@@ -372,6 +374,7 @@ def main(argv=None):
     print(f"win rate {s['win_rate']:.3f} ± {s['win_rate_se']:.3f} (n={s['n']}), length-controlled {s['lc_win_rate']:.3f}, "
           f"unparseable {s['unparseable']}, tokens {s['tokens']:,} ({s['prompt_tokens']:,} in, {s['completion_tokens']:,} out)")
     print(f"wrote {out} and {summary_path(out)}")
+    download.release(f"{out}.lock")
     return s
 
 

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import download
 import training
 from download import cache_dir
 from logprobs import default_chunk_size, sequence_logps
@@ -169,6 +170,11 @@ def main(argv=None):
         raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
     env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
     device = env.device
+    outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}.jsonl" for c in ckpts]
+    if env.main:  # one writer per output: a second sample.py on it refuses at once
+        for out in outs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            download.hold(f"{out}.lock", out)
     torch.backends.cuda.matmul.allow_tf32 = False  # KL is a small difference of two large sums: full fp32
 
     tok = load_tokenizer(args.tokenizer or find_tokenizer(ckpts[0]))
@@ -186,10 +192,10 @@ def main(argv=None):
     for r, e in zip(chosen, encoded):
         if not e:
             raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
-    for ckpt in ckpts:
-        out = Path(args.out) if args.out else ckpt.parent / f"samples-{ckpt.name}.jsonl"
+    for ckpt, out in zip(ckpts, outs):
         policy = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype], device=device)
         sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt)
+        download.release(f"{out}.lock")
     training.finish(env)
 
 

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import download
 from download import cache_dir
 from model import Config, GPTNeoX
 
@@ -108,6 +109,8 @@ def setup(args):
 
 
 def finish(env):
+    if getattr(env, "run_dir", None):
+        download.release(env.run_dir)  # the run directory's lock (prepare_out)
     if env.owns_group:
         dist.destroy_process_group()
 
@@ -346,9 +349,14 @@ def prepare_out(args, env):
 
     Returns None for a fresh run, else the newest complete checkpoint's trainer_state
     (with its directory under "dir"). metrics.jsonl is cut back to that checkpoint's step,
-    so a resumed run's log reads as one run.
+    so a resumed run's log reads as one run. Rank 0 holds the directory's OS lock until
+    finish(env): a second launch on the same --out refuses at once.
     """
     out = Path(args.out)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        download.hold(out, f"run directory {out}")
+        env.run_dir = out  # released by finish(env)
     flags = dict(vars(args))
     args_file, latest = out / "args.json", out / "latest"
     if args_file.exists():

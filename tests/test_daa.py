@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_training import ROOT, RUN, max_diff, weights, write_inputs
 
 import daa  # noqa: E402  (test_training put the repository root on sys.path)
+import download  # noqa: E402
 import logprobs  # noqa: E402
 import sft  # noqa: E402
 import training  # noqa: E402
@@ -238,3 +239,37 @@ def test_nll_alpha_gradient_flows():
     (-(chosen / batch["chosen_tokens"]).mean()).backward()
     alone = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.allclose(grads[1] - grads[0], alone, atol=1e-6)
+
+
+# ---------------------------------------------------------------- one run per directory (an OS lock)
+
+def test_second_launch_refuses_while_the_first_runs_and_a_rerun_after_sigkill_resumes(inputs, capsys):
+    tmp, args = inputs
+    out = tmp / "locked"
+    # The first run stops after its first checkpoint, still alive and holding the run directory.
+    pause = ("import sys, time, daa, training\n"
+             "save = training.save_checkpoint\n"
+             "def save_and_pause(*a, **kw):\n"
+             "    save(*a, **kw)\n"
+             "    print('CHECKPOINT', flush=True)\n"
+             "    time.sleep(300)\n"
+             "training.save_checkpoint = save_and_pause\n"
+             "daa.main(sys.argv[1:])\n")
+    first = subprocess.Popen([sys.executable, "-c", pause, *args, "--out", str(out)], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    try:
+        for line in first.stdout:
+            if line.startswith("CHECKPOINT"):
+                break
+        assert first.poll() is None
+        with pytest.raises(download.Busy, match=r"run directory .*locked is being written by another process") as e:
+            daa.main([*args, "--out", str(out)])
+        assert "\n" not in str(e.value)
+        assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-4", "latest", "metrics.jsonl"]  # untouched
+    finally:
+        first.kill()
+        first.wait()
+    daa.main([*args, "--out", str(out)])  # the OS dropped the killed run's lock: this resumes
+    assert "resuming from" in capsys.readouterr().out
+    assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6

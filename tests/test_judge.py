@@ -380,3 +380,15 @@ def test_bad_request_json_and_missing_label(tmp_path, capsys):
     with pytest.raises(SystemExit):
         judge.main([str(samples), "--prompt-file", str(tmp_path / "p.txt")])
     assert "--prompt-file needs --verdict-label" in capsys.readouterr().err
+
+
+def test_a_judgments_file_being_written_refuses_a_second_judge(tmp_path):
+    from test_download import held_by_another_process
+    samples, _ = write_samples(tmp_path, 2)
+    out = tmp_path / "judgments-ckpt-100.jsonl"
+    with held_by_another_process(f"{out}.lock"):
+        r = subprocess.run([sys.executable, str(ROOT / "judge.py"), str(samples), "--judge", "gold", "--task", "tiny"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: {out} is being written by another process")
+    assert not out.exists()

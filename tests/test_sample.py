@@ -223,3 +223,15 @@ def test_torchrun_shards_and_gathers_one_file(env, tmp_path):
     assert [r["id"] for r in two] == [r["id"] for r in single]
     for a, b in zip(two, single):
         assert a["sample_tokens"] == b["sample_tokens"] and a["policy_logp"] == pytest.approx(b["policy_logp"], abs=1e-3)
+
+
+def test_an_output_being_written_refuses_a_second_sampler(env, tmp_path):
+    from test_download import held_by_another_process
+    import download
+    out = tmp_path / "s.jsonl"
+    with held_by_another_process(f"{out}.lock"):
+        with pytest.raises(download.Busy, match=f"{out} is being written by another process"):
+            run(env, out)
+    assert not out.exists()
+    run(env, out)  # the holder is gone: no stale lock
+    assert not Path(f"{out}.lock").exists()
