@@ -258,3 +258,23 @@ def test_hold_refuses_another_process_is_reentrant_and_dies_with_its_holder(tmp_
     assert lock.exists()
     download.release(lock)
     assert not lock.exists() and run.is_dir()  # a lock file goes with its release; a directory stays
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_give_one_line_naming_the_file(tmp_path, damage):
+    GPTNeoX(TINY).save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"\x08" + data[1:200])
+    with pytest.raises(ValueError, match=rf"^{weights} is not a readable safetensors file \(.*\): it is corrupt or "
+                                         r"truncated; delete it") as e:
+        GPTNeoX.from_pretrained(tmp_path / "ckpt")
+    assert "\n" not in str(e.value)
+    if damage == "truncate":  # and through a CLI: the one line, a non-zero exit
+        root = Path(download.__file__).parent
+        (tmp_path / "p.jsonl").write_text('{"id": "1", "prompt": "a", "reference": "b"}\n')
+        r = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(tmp_path / "ckpt"), "--ref",
+                            str(tmp_path / "ckpt"), "--tokenizer", str(root / "tests/fixtures/gpt-neox-20b-tokenizer.json"),
+                            "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s.jsonl")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.splitlines() == [f"error: {e.value}"]
