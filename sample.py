@@ -152,8 +152,8 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=512, help="most prompt + sample tokens (App. B: max length 512, "
                    "read as the DPO code reads it)")
     p.add_argument("--max-prompt-length", type=int, default=256, help="a prompt that would not leave room for its "
-                   "reference summary within --max-length is cut to this many tokens, keeping its start and its "
-                   "last line (the DPO code's max_prompt_length)")
+                   "reference summary within --max-length is cut to this many tokens (or half the max length if "
+                   "less), keeping its start and its last line (the DPO code's max_prompt_length)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="an extra cap on new tokens per sample (default: "
                    "none beyond --max-length)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (the KL estimate assumes 1)")
@@ -184,11 +184,12 @@ def main(argv=None):
     chosen = select_prompts(all_rows, args.n, args.seed)
     ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=DTYPES[args.dtype], device=device)
     max_length = min(args.max_length, ref.config.max_position_embeddings)
-    if not 0 < args.max_prompt_length < max_length:
-        raise ValueError(f"--max-prompt-length {args.max_prompt_length} must be at least 1 and below the max length "
-                         f"{max_length} (--max-length {args.max_length}, the model's "
-                         f"{ref.config.max_position_embeddings} positions)")
-    encoded = [encode_prompt(tok, r, max_length, args.max_prompt_length) for r in chosen]
+    if args.max_prompt_length < 1 or max_length < 2:
+        raise ValueError(f"--max-prompt-length {args.max_prompt_length} and the max length {max_length} (--max-length "
+                         f"{args.max_length}, the model's {ref.config.max_position_embeddings} positions) must leave "
+                         "a prompt at least 1 token and a sample at least 1")
+    max_prompt_length = min(args.max_prompt_length, max_length // 2)  # a small model's few positions: half each
+    encoded = [encode_prompt(tok, r, max_length, max_prompt_length) for r in chosen]
     for r, e in zip(chosen, encoded):
         if not e:
             raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")

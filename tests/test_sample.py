@@ -176,8 +176,8 @@ def test_bad_prompts_fail_with_one_line(env, tmp_path):
     bad.write_text('{"id": "1", "prompt": "", "reference": "b"}\n')
     with pytest.raises(ValueError, match="prompt '1' is empty"):
         sample.main(["--ckpt", str(env / "sft"), "--ref", str(env / "sft"), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")])
-    with pytest.raises(ValueError, match="--max-prompt-length 100 must be at least 1 and below the max length 100"):
-        run(env, tmp_path / "o.jsonl", "--max-length", "100", "--max-prompt-length", "100")
+    with pytest.raises(ValueError, match="--max-prompt-length 0 and the max length 100 .* must leave a prompt"):
+        run(env, tmp_path / "o.jsonl", "--max-length", "100", "--max-prompt-length", "0")
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -206,6 +206,9 @@ def test_long_prompt_is_cut_and_max_length_counts_prompt_and_sample(env, tmp_pat
     policy = GPTNeoX.from_pretrained(env / "greedy")
     logp, _, _ = fresh_scores(policy, cut, rows["long"]["sample_tokens"])  # sampled after the cut prompt
     assert rows["long"]["policy_logp"] == pytest.approx(logp, abs=1e-3)
+
+    sample.main([*args[:-1], "70", "--out", str(tmp_path / "half.jsonl")])  # above half of 100: 50 it is
+    assert json.loads((tmp_path / "half.jsonl").read_text().splitlines()[0])["prompt_tokens"] == 50
 
     sample.main([*args, "--max-new-tokens", "5", "--out", str(tmp_path / "capped.jsonl")])
     assert all(len(json.loads(l)["sample_tokens"]) == 5 for l in (tmp_path / "capped.jsonl").read_text().splitlines())
