@@ -16,8 +16,9 @@ function g differs:
 β is comparable only within one convention. IPO here has its minimum at
 h* = 1/(2β); Eq. 4 read literally, g(βh) = (βh − 1)², puts it at h* = 1/β (so
 its β = 0.2 has the minimiser of our β = 0.1); TRL's "ipo" also averages
-log-probs over tokens, which --average-logps reproduces. --nll-alpha A adds A × the per-token negative
-log-likelihood of the chosen response to any of the three (RPO, Pang et al. 2024).
+log-probs over tokens, which --average-logps reproduces. --nll-alpha A adds
+A × the per-token negative log-likelihood of the chosen response to any of the
+three (RPO, Pang et al. 2024).
 """
 import argparse
 import sys
@@ -128,11 +129,11 @@ def make_loss_fn(args, reference):
         ref_chosen, ref_rejected = reference(batch)
         n_chosen, n_rejected = batch["chosen_tokens"], batch["rejected_tokens"]
         nll = -chosen / n_chosen  # per-token NLL of the chosen response (RPO's SFT term)
-        if args.average_logps:  # per-token means, policy and reference alike (TRL's IPO, SimPO)
-            chosen, rejected = chosen / n_chosen, rejected / n_rejected
-            ref_chosen, ref_rejected = ref_chosen / n_chosen, ref_rejected / n_rejected
+        # --average-logps: the loss (and its implicit rewards) on per-token means, policy and reference
+        # alike (TRL's IPO, SimPO); the logged log-probs and log-ratios stay sums (Eq. 7 reads them).
+        c, r = (n_chosen, n_rejected) if args.average_logps else (1, 1)
         losses, chosen_rewards, rejected_rewards = daa_loss(
-            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss,
+            chosen / c, rejected / r, ref_chosen / c, ref_rejected / r, args.beta, args.loss,
             args.length_alpha, n_chosen, n_rejected)
         if args.nll_alpha:
             losses = losses + args.nll_alpha * nll

@@ -206,6 +206,11 @@ def test_average_logps_by_hand():
     _, stats = loss_of(model, batch, REF, average_logps=True)
     assert stats["loss"].tolist() == pytest.approx(expected, rel=1e-5)
     assert stats["rewards/chosen"].tolist() == pytest.approx((0.5 * (mean_c - ref_c)).tolist(), rel=1e-5)
+    assert stats["logps/chosen"].tolist() == pytest.approx(logps[:2].tolist(), rel=1e-5)  # logged as sums
+    assert stats["logratios/rejected"].tolist() == pytest.approx((logps[2:] - REF[1]).tolist(), rel=1e-5)
+    h = (mean_c - ref_c) - (mean_r - ref_r)  # TRL's IPO: (h − 1/(2β))² on per-token means
+    _, stats = loss_of(model, batch, REF, average_logps=True, loss="ipo")
+    assert stats["loss"].tolist() == pytest.approx(((h - 1 / (2 * 0.5)) ** 2).tolist(), rel=1e-5)
     _, stats = loss_of(model, batch, REF)
     assert stats["loss"].tolist() == pytest.approx(summed, rel=1e-5)  # sums by default
     assert abs(summed[0] - expected[0]) > 1e-3  # the two conventions differ here
