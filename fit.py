@@ -15,7 +15,7 @@ whose loss is "sft" or whose fraction is 0 is the SFT policy of its model:
 d = 0, where every loss's curve starts.
 
 A series (an "arm") is a loss, with its regularisers when they are on:
-daa.py --length-alpha 0.01 gives "dpo+len=0.01", --nll-alpha 1 "dpo+nll=1"
+daa.py --length-alpha 0.01 gives "dpo+len0.01", --nll-alpha 1 "dpo+nll1"
 (RPO). Fits and figure panels are per arm and model size; seeds of one arm
 pool into one fit.
 
@@ -240,7 +240,7 @@ def arm(row):
     name = row["loss"]
     for key, tag in (("length_alpha", "len"), ("nll_alpha", "nll")):
         if row.get(key, 0) > 0:
-            name += f"+{tag}={row[key]:g}"
+            name += f"+{tag}{row[key]:g}"
     return name
 
 

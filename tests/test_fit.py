@@ -390,7 +390,7 @@ def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
     r = next(r for r in rows if r["model"] == "tiny-m" and r["nll_alpha"] > 0)
     with torch.device("meta"):
         params = sum(p.numel() for p in GPTNeoX(Config.from_dict(configs["tiny-m"])).parameters())
-    assert r["params"] == params and fit.arm(r) == "dpo+nll=0.01" and r["length_alpha"] == 0 and r["seed"] == 0
+    assert r["params"] == params and fit.arm(r) == "dpo+nll0.01" and r["length_alpha"] == 0 and r["seed"] == 0
     assert (r["ood_token_rate"], r["gold_reward"], r["proxy_reward"], r["length_words"]) == (0.125, -0.5, 1.5, 7.0)
     assert "ckpt" not in r and "eos_rate" not in r  # numbers only
     assert fit.model_order(rows) == ["tiny-s", "tiny-m", "tiny-l"]
@@ -402,16 +402,16 @@ def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
 
     fits, _ = fit.analyze(rows, tmp_path / "o", dpi=40)
     law = fits["scaling_law"]["all"]
-    assert set(law) == {"dpo", "dpo+len=0.01", "dpo+nll=0.01"}
-    assert set(law["dpo"]) == {"tiny-s", "tiny-m", "tiny-l"} and set(law["dpo+len=0.01"]) == {"tiny-m"}
-    assert law["dpo"]["tiny-m"]["n"] == 3 * (4 + 3) and law["dpo+nll=0.01"]["tiny-m"]["n"] == 3 * 4  # seeds pooled
+    assert set(law) == {"dpo", "dpo+len0.01", "dpo+nll0.01"}
+    assert set(law["dpo"]) == {"tiny-s", "tiny-m", "tiny-l"} and set(law["dpo+len0.01"]) == {"tiny-m"}
+    assert law["dpo"]["tiny-m"]["n"] == 3 * (4 + 3) and law["dpo+nll0.01"]["tiny-m"]["n"] == 3 * 4  # seeds pooled
     assert fits["scaling_law"]["final"]["dpo"]["tiny-m"]["n"] == 3 * 2
     assert fits["length_regression"].startswith("Eq. 6 through the origin, uncentred R²")
     for name in FIGURES:
         assert (tmp_path / "o" / name).stat().st_size > 5000
     again = {(r["model"], fit.arm(r), r["beta"], r["seed"], r["fraction"]): r
              for r in fit.read_results(tmp_path / "o" / "results.csv")}
-    r = again["tiny-m", "dpo+nll=0.01", 0.1, 0, 1.0]
+    r = again["tiny-m", "dpo+nll0.01", 0.1, 0, 1.0]
     assert r["params"] == params and r["ood_token_rate"] == 0.125 and r["nll_alpha"] == 0.01
 
     centred_rows = fit.load([str(r) for r in runs], length_intercept=True)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -238,3 +239,34 @@ def test_an_output_being_written_refuses_a_second_sampler(env, tmp_path):
     assert not out.exists()
     run(env, out)  # the holder is gone: no stale lock
     assert not Path(f"{out}.lock").exists()
+
+
+def test_ood_token_rate_is_exact_on_a_hand_built_set(tmp_path):
+    """The token set comes from every training response (SFT and both sides of each pair) plus EOS;
+    the rate pools sampled tokens, EOS included, over all samples."""
+    tok = load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer.json")
+    (tmp_path / "sft_train.jsonl").write_text(json.dumps({"prompt": "p", "response": " the cat"}) + "\n")
+    (tmp_path / "pref_train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a dog",
+                                                           "rejected": " the"}) + "\n")
+    seen = sample.response_token_ids(tmp_path, tok)
+    assert seen == set(tok.encode(" the cat") + tok.encode(" a dog") + [tok.eos_id])
+    cat, dog, new = tok.encode(" cat")[0], tok.encode(" dog")[0], tok.encode(" zebra")[0]
+    assert new not in seen
+    rows = [sample.add_diagnostics({"prompt": "p", "sample": "", "sample_tokens": toks}, seen, None)
+            for toks in ([cat, new, tok.eos_id], [new, new, dog, new, tok.eos_id])]
+    assert [r["ood_tokens"] for r in rows] == [1, 3]
+    for r in rows:
+        r.update(policy_logp=0.0, ref_logp=0.0, length=len(r["sample_tokens"]) - 1, eos=True,
+                 top10_entropy=0.0, top10_mass=1.0, prompt_cut=False)
+    s = sample.summarize(rows, SimpleNamespace(ref="ref", seed=0, temperature=1.0), "ckpt")
+    assert s["ood_token_rate"] == 4 / 8
+
+
+def test_gold_and_proxy_diagnostics():
+    spec = {"important": ["rent", "job", "exam"], "gold_scale": 3.0, "length_bias": 0.5}
+    row = sample.add_diagnostics({"prompt": "POST: rent really job just exam TLDR:", "sample": " rent job really",
+                                  "sample_tokens": [1, 2, 3, 0]}, None, spec)
+    assert "ood_tokens" not in row
+    assert row["gold_reward"] == pytest.approx(2 / 3 - 0.25)
+    assert row["proxy_reward"] == pytest.approx(3 * (2 / 3 - 0.25) + 0.5 * 3)
+    assert row["length_words"] == 3
