@@ -33,7 +33,17 @@ import training
 from download import DownloadError
 from tokenizer import load_tokenizer
 
-LOSSES = ("dpo", "ipo", "slic")
+# g of Eq. 4, written on the margin βh (IPO also needs β). A new loss is one more entry here:
+# `daa.py --loss NAME` and the miniature (docs/new_loss.md) pick it up.
+G = {
+    "dpo": lambda margin, beta: -F.logsigmoid(margin),  # Rafailov et al. 2023
+    # (h − 1/(2β))² written through the margin: (βh − 1/2)² / β², the DPO reference code's IPO,
+    # minimised at h* = 1/(2β). Eq. 4 read literally, (βh − 1)², is minimised at h* = 1/β: a β
+    # there is twice a β here. TRL's "ipo" is this form on per-token mean log-probs (--average-logps).
+    "ipo": lambda margin, beta: (margin - 0.5) ** 2 / beta ** 2,  # Azar et al. 2023
+    "slic": lambda margin, beta: torch.relu(1 - margin),  # Zhao et al. 2023, the hinge (calibration term only)
+}
+LOSSES = tuple(G)
 
 
 def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -49,18 +59,9 @@ def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     margin = beta * (chosen_logratios - rejected_logratios)  # βh
     if length_alpha:
         margin = margin - length_alpha * (chosen_lengths - rejected_lengths)
-    if loss == "dpo":
-        losses = -F.logsigmoid(margin)
-    elif loss == "slic":
-        losses = torch.relu(1 - margin)
-    elif loss == "ipo":
-        # (h − 1/(2β))² written through the margin: (βh − 1/2)² / β², the DPO reference
-        # code's IPO, minimised at h* = 1/(2β). Eq. 4 read literally, (βh − 1)², is
-        # minimised at h* = 1/β: a β there is twice a β here. TRL's "ipo" is this form on
-        # per-token mean log-probs (--average-logps).
-        losses = (margin - 0.5) ** 2 / beta ** 2
-    else:
+    if loss not in G:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    losses = G[loss](margin, beta)
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
