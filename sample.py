@@ -2,7 +2,9 @@
 
 For the same n prompts (picked by --seed alone, so every checkpoint sees the
 same ones) it draws one sample per prompt at temperature 1 up to max length
-512, then scores each sample under the policy and the reference:
+512, prompt + sample as in the DPO code (a prompt that, with its reference
+summary, would not fit is first cut to 256 tokens, keeping its start and its
+last line), then scores each sample under the policy and the reference:
 
     KL(π‖π_ref) ≈ mean over samples of  log π(y|x) − log π_ref(y|x),   y ~ π(·|x)
 
@@ -29,8 +31,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import download
 import training
 from download import cache_dir
+from judge import gold_reward, proxy_reward
 from logprobs import default_chunk_size, sequence_logps
 from model import GPTNeoX
 from tokenizer import load_tokenizer
@@ -109,16 +113,55 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
              "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
 
 
+def response_token_ids(data_dir, tok):
+    """Every token id that occurs in a training response: SFT responses and both responses of the
+    training pairs, each with its EOS, as training.encode scores them. Read once per sample.py run."""
+    data_dir = Path(data_dir)
+    texts = [r["response"] for r in training.read_jsonl(data_dir / "sft_train.jsonl", ("response",))]
+    for r in training.read_jsonl(data_dir / "pref_train.jsonl", ("chosen", "rejected")):
+        texts += [r["chosen"], r["rejected"]]
+    return {tok.eos_id}.union(*(tok.encode(t) for t in set(texts)))
+
+
+def add_diagnostics(row, seen_ids, gold_spec):
+    """Per-sample over-optimization diagnostics. `ood_tokens`: sampled tokens (EOS included) whose id
+    never occurs in a training response: mass the policy moved off the data (App. E). For the
+    miniature (`gold_spec`), the gold reward, the labeller's proxy reward and the length in words."""
+    if seen_ids is not None:
+        row["ood_tokens"] = sum(t not in seen_ids for t in row["sample_tokens"])
+    if gold_spec is not None:
+        row.update(gold_reward=gold_reward(row["prompt"], row["sample"], gold_spec),
+                   proxy_reward=proxy_reward(row["prompt"], row["sample"], gold_spec),
+                   length_words=len(row["sample"].split()))
+    return row
+
+
 def summarize(rows, args, ckpt):
-    """KL(π‖π_ref) with its standard error, √KL (the paper's x-axis), mean length, mean indicators."""
+    """KL(π‖π_ref) with its standard error, √KL (the paper's x-axis), mean length, mean indicators,
+    and the diagnostics add_diagnostics gave the rows (the OOD token rate pools all sampled tokens)."""
     diff = torch.tensor([r["policy_logp"] - r["ref_logp"] for r in rows], dtype=torch.float64)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     kl = diff.mean().item()
-    return {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
-            "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
-            "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
-            "eos_rate": mean("eos"), "n": len(rows),
-            "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
+    s = {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
+         "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
+         "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
+         "eos_rate": mean("eos"), "n": len(rows), "prompts_cut": sum(r["prompt_cut"] for r in rows),
+         "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
+    if "ood_tokens" in rows[0]:
+        s["ood_token_rate"] = sum(r["ood_tokens"] for r in rows) / sum(len(r["sample_tokens"]) for r in rows)
+    for key in ("gold_reward", "proxy_reward", "length_words"):
+        if key in rows[0]:
+            s[key] = mean(key)
+    return s
+
+
+def encode_prompt(tok, row, max_length, max_prompt_length):
+    """The prompt's tokens, cut as the DPO code cuts them: when the prompt and its reference summary
+    (+ EOS) exceed max_length, the prompt is cut to max_prompt_length (training.cut_prompt: start and
+    last line kept). Sets row["cut"]."""
+    ids = tok.encode(row["prompt"])
+    row["cut"] = len(ids) + len(tok.encode(row["reference"])) + 1 > max_length and len(ids) > max_prompt_length
+    return training.cut_prompt(tok, row["prompt"], ids, max_prompt_length) if row["cut"] else ids
 
 
 def find_tokenizer(ckpt):
@@ -137,8 +180,13 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name; if omitted, the one in --ckpt or its run directory")
     p.add_argument("--n", "--num-prompts", dest="n", type=int, default=256,
                    help="prompts to sample (the paper: 256); under torchrun write --num-prompts (torchrun takes --n as its own)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="most new tokens per sample (App. B: max length 512)")
-    p.add_argument("--max-length", type=int, default=1024, help="most prompt + sample tokens (TL;DR prompts are up to 512)")
+    p.add_argument("--max-length", type=int, default=512, help="most prompt + sample tokens (App. B: max length 512, "
+                   "read as the DPO code reads it)")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="a prompt that would not leave room for its "
+                   "reference summary within --max-length is cut to this many tokens (or half the max length if "
+                   "less), keeping its start and its last line (the DPO code's max_prompt_length)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="an extra cap on new tokens per sample (default: "
+                   "none beyond --max-length)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (the KL estimate assumes 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
@@ -146,6 +194,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (log-probs are float32 either way)")
+    p.add_argument("--train-data", default=None, help="the prepared data directory the policy was trained on: "
+                   "adds ood_token_rate, the share of sampled tokens never seen in a training response")
+    p.add_argument("--gold-spec", default=None, help="the miniature's gold.json: adds each sample's gold reward, "
+                   "the labeller's proxy reward and its length in words")
     p.add_argument("--out", default=None, help="output JSONL (one --ckpt only); if omitted, samples-<ckpt name>.jsonl beside each checkpoint (summary: <out minus .jsonl>.summary.json)")
     args = p.parse_args(argv)
     ckpts = [training.model_dir(c).resolve() for c in args.ckpt]  # a run directory's `latest` -> its ckpt-<examples>
@@ -153,6 +205,11 @@ def main(argv=None):
         raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
     env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
     device = env.device
+    outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}.jsonl" for c in ckpts]
+    if env.main:  # one writer per output: a second sample.py on it refuses at once
+        for out in outs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            download.hold(f"{out}.lock", out)
     torch.backends.cuda.matmul.allow_tf32 = False  # KL is a small difference of two large sums: full fp32
 
     tok = load_tokenizer(args.tokenizer or find_tokenizer(ckpts[0]))
@@ -162,19 +219,26 @@ def main(argv=None):
     chosen = select_prompts(all_rows, args.n, args.seed)
     ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=DTYPES[args.dtype], device=device)
     max_length = min(args.max_length, ref.config.max_position_embeddings)
-    encoded = [tok.encode(r["prompt"]) for r in chosen]
+    if args.max_prompt_length < 1 or max_length < 2:
+        raise ValueError(f"--max-prompt-length {args.max_prompt_length} and the max length {max_length} (--max-length "
+                         f"{args.max_length}, the model's {ref.config.max_position_embeddings} positions) must leave "
+                         "a prompt at least 1 token and a sample at least 1")
+    max_prompt_length = min(args.max_prompt_length, max_length // 2)  # a small model's few positions: half each
+    encoded = [encode_prompt(tok, r, max_length, max_prompt_length) for r in chosen]
     for r, e in zip(chosen, encoded):
-        if not 0 < len(e) < max_length:
-            raise ValueError(f"{args.prompts}: prompt {r['id']!r} has {len(e)} tokens; it needs 1 to {max_length - 1} "
-                             f"(--max-length {args.max_length}, the model's {ref.config.max_position_embeddings} positions)")
-    for ckpt in ckpts:
-        out = Path(args.out) if args.out else ckpt.parent / f"samples-{ckpt.name}.jsonl"
+        if not e:
+            raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
+    seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
+    gold_spec = json.loads(Path(args.gold_spec).read_text()) if args.gold_spec else None
+    diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
+    for ckpt, out in zip(ckpts, outs):
         policy = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype], device=device)
-        sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt)
+        sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose)
+        download.release(f"{out}.lock")
     training.finish(env)
 
 
-def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt):
+def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose):
     """Sample this rank's share of the prompts, gather on rank 0, write the rows and their summary."""
     rank, world = env.rank, env.world
     # This rank's share, longest prompts first so a batch holds prompts of similar length (less padding).
@@ -185,12 +249,12 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     for b, batch in enumerate(batches, 1):
         prompts = [encoded[i] for i in batch]
-        budgets = [min(args.max_new_tokens, max_length - len(e)) for e in prompts]
+        budgets = [min(args.max_new_tokens or max_length, max_length - len(e)) for e in prompts]
         for i, stats in zip(batch, sample_batch(policy, ref, prompts, budgets, tok.eos_id, args, generator)):
             r = chosen[i]
-            rows.append({"id": r["id"], "prompt": r["prompt"],
-                         "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), "reference": r["reference"],
-                         **stats})
+            rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "prompt_tokens": len(encoded[i]),
+                                  "prompt_cut": r["cut"], "reference": r["reference"],
+                                  "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), **stats}))
             new_tokens += len(stats["sample_tokens"])
         if rank == 0:
             dt = time.time() - t0
