@@ -40,7 +40,7 @@ from model import PYTHIA, Config, GPTNeoX  # noqa: E402
 TINY = {
     "sft_examples": 30000, "pref_examples": 20000, "eval_prompts": 600,  # data/tiny/prepare.py
     "prepare_flags": [],                       # extra data/tiny/prepare.py flags
-    "models": {"gpt-neox-tiny": "gpt-neox-tiny"},  # name -> model directory under OUT/data (prepare.py writes it)
+    "models": {"tiny-m": "models/tiny-m"},  # name -> model directory under OUT/data (prepare.py writes them)
     "optimizer": "adamw", "batch_size": 64,    # SFT and DAA
     "sft_lr": 2e-3, "sft_warmup": 0,
     "lr": 1e-4, "warmup": 30, "checkpoints": 4, "eval_examples": 500,  # DAA
@@ -111,7 +111,8 @@ def tiny(args):
         daa_flags=lambda model: common + ["--lr", cfg["lr"], "--warmup", cfg["warmup"], "--checkpoints",
                                           cfg["checkpoints"], "--eval-examples", cfg["eval_examples"]],
         runs=runs(cfg["models"], cfg["betas"], cfg["arms"]),
-        sample_flags=["--n", cfg["eval_prompts"], *cfg["sample_flags"]],
+        sample_flags=["--n", cfg["eval_prompts"], *cfg["sample_flags"], "--train-data", data,  # ood_token_rate
+                      "--gold-spec", data / "gold.json"],  # gold and proxy rewards of the samples
         judge_flags=["--judge", "gold", "--task", "tiny", "--gold-spec", data / "gold.json"],
         summary=["python", "scripts/tiny_summary.py", out], env={"OMP_NUM_THREADS": "1"}, judge_slot="main", slots={},
         params={m: tiny_params(data / d) for m, d in cfg["models"].items()},
@@ -139,7 +140,7 @@ def paper(args):
         sft_flags=train_flags,
         daa_flags=lambda model: train_flags(model) + ["--eval-examples", cfg["eval_examples"]],
         runs=runs(args.sizes, cfg["betas"], []),
-        sample_flags=["--num-prompts", cfg["eval_prompts"]],  # torchrun takes --n as its own
+        sample_flags=["--num-prompts", cfg["eval_prompts"], "--train-data", data],  # torchrun takes --n as its own
         judge_flags=[], summary=None, env={}, judge_slot="api", slots={"api": 2},  # judging beside the GPU jobs
         params={m: count_params(PYTHIA[m]) for m in args.sizes},
         plan={k: cfg[k] for k in PLAN}, tokens=cfg["tokens"])

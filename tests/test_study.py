@@ -2,6 +2,7 @@
 --scaling and --seeds, and one --quick run of the miniature end to end, re-run to check that what is
 done is skipped, that a half-done stage resumes, and that --seeds 2 adds the second seed's runs."""
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -97,17 +98,18 @@ def quick(tmp_path_factory):
 
 def test_quick_study_end_to_end(quick):
     out, _ = quick
-    home = out / "gpt-neox-tiny" / "s0"
+    home = out / "tiny-m" / "s0"
     assert sorted(p.name for p in home.iterdir() if p.is_dir()) == ["dpo-0.1", "ipo-0.1", "sft", "slic-0.1"]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sft"]) == {"win_rate", "win_rate_se"}
     assert {p["loss"] for p in summary["points"]} == {"dpo", "ipo", "slic"}
-    assert len(summary["points"]) == 3 * 3  # three checkpoints of each run
+    assert len(summary["points"]) == len(summary["runs"]) == 3 * 3  # three checkpoints of each run, one seed
     for p in summary["points"]:
-        assert {"loss", "beta", "fraction", "win_rate", "win_rate_se", "kl", "length"} <= set(p)
-        assert 0 <= p["win_rate"] <= 1 and p["kl"] > -1
-    for loss, fit in summary["fits"].items():
-        assert {"alpha", "beta", "rmse", "rmse_quadratic_kl"} <= set(fit)
+        assert {"loss", "beta", "fraction", "win_rate", "win_rate_se", "kl", "length", "n_seeds"} <= set(p)
+        assert 0 <= p["win_rate"] <= 1 and p["kl"] > -1 and p["n_seeds"] == 1
+        assert 0 <= p["ood_token_rate"] <= 1 and math.isfinite(p["gold_reward"] + p["proxy_reward"])  # sample.py's
+    fits = json.loads((out / "fit" / "fits.json").read_text())["scaling_law"]["all"]
+    assert set(fits) == {"dpo", "ipo", "slic"}
     for fig in ("fig1_winrate_vs_sqrt_kl", "fig2_training_dynamics", "fig4_eval_metrics", "fig5_forward_kl"):
         assert (out / "fit" / f"{fig}.png").stat().st_size > 1000
 
@@ -130,7 +132,7 @@ def test_rerun_skips_every_heavy_stage(quick):
 
 def test_a_half_done_stage_resumes(quick):
     out, _ = quick
-    run = out / "gpt-neox-tiny" / "s0" / "ipo-0.1"
+    run = out / "tiny-m" / "s0" / "ipo-0.1"
     ckpt = sorted(run.glob("ckpt-*"), key=lambda p: int(p.name[5:]))[1].name
     (run / f"samples-{ckpt}.summary.json").unlink()  # as if sample.py died before this checkpoint's summary
     judgments = run / f"judgments-{ckpt}.jsonl"
@@ -152,9 +154,9 @@ def test_other_data_flags_refuse(quick):
 def test_second_seed(quick):
     out, _ = quick
     lines = study("tiny_study.sh", out, "--quick", "--seeds", "2")
-    assert f"# skip sft {out}/gpt-neox-tiny/s0/sft: finished, step 31/31" in lines
+    assert f"# skip sft {out}/tiny-m/s0/sft: finished, step 31/31" in lines
     for seed in (0, 1):
-        home = out / "gpt-neox-tiny" / f"s{seed}"
+        home = out / "tiny-m" / f"s{seed}"
         for run in ("sft", "dpo-0.1", "ipo-0.1", "slic-0.1"):
             args = json.loads((home / run / "args.json").read_text())
             state = json.loads((home / run / "latest" / "trainer_state.json").read_text())
@@ -162,6 +164,8 @@ def test_second_seed(quick):
             ckpts = list((home / run).glob("ckpt-*"))
             assert len(ckpts) == (1 if run == "sft" else 3)
             assert all((home / run / f"judgments-{c.name}.summary.json").is_file() for c in ckpts)
-    first_loss = [json.loads((out / "gpt-neox-tiny" / f"s{s}" / "sft" / "metrics.jsonl").read_text().splitlines()[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 2 * 3 * 3 and {p["n_seeds"] for p in summary["points"]} == {2}
+    first_loss = [json.loads((out / "tiny-m" / f"s{s}" / "sft" / "metrics.jsonl").read_text().splitlines()[0])
                   ["loss"] for s in (0, 1)]
     assert first_loss[0] != first_loss[1]  # another initialisation and data order
