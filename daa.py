@@ -50,15 +50,16 @@ def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              beta, loss, length_alpha=0.0, chosen_lengths=None, rejected_lengths=None):
     """Per-example DAA loss (Eq. 4) and the implicit rewards β·log(π/π_ref) of both responses.
 
-    `length_alpha` > 0 adds Park et al.'s length regulariser (used in the paper's
-    Fig. 3): the margin βh becomes βh − α(|y_w| − |y_l|), so a longer chosen
-    response has to earn its extra length.
+    `length_alpha` > 0 is Park et al.'s length regulariser (the paper's Fig. 3 left): the RLHF
+    objective of Eq. 3 with a length penalty, r(x, y) − α|y|, has the implicit reward
+    β log π/π_ref + α|y|, so the margin becomes βh + α(|y_w| − |y_l|). A pair whose chosen
+    response is longer is then partly explained by length, and the policy learns less of it.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     margin = beta * (chosen_logratios - rejected_logratios)  # βh
     if length_alpha:
-        margin = margin - length_alpha * (chosen_lengths - rejected_lengths)
+        margin = margin + length_alpha * (chosen_lengths - rejected_lengths)
     if loss not in G:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     losses = G[loss](margin, beta)
@@ -91,7 +92,7 @@ def get_parser():
     p.add_argument("--beta", type=float, default=0.1, help="β of Eq. 4, the strength of the KL constraint; the "
                    "paper sweeps it (default: %(default)s)")
     p.add_argument("--length-alpha", type=float, default=0.0, help="α of Park et al.'s length regulariser, margin "
-                   "βh − α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0, the default, turns it off")
+                   "βh + α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0, the default, turns it off")
     p.add_argument("--average-logps", action="store_true", help="score every loss on per-token mean log-probs "
                    "instead of sums (TRL's IPO and SimPO's convention), so that their β means the same here")
     p.add_argument("--nll-alpha", type=float, default=0.0, help="add A × the per-token negative log-likelihood of "

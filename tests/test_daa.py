@@ -34,10 +34,11 @@ def softplus(x):
     ("dpo", 0.0, [softplus(-1.0), softplus(0.5)]),  # −log σ(βh) = log(1 + e^(−βh))
     ("slic", 0.0, [0.0, 1.5]),  # max(0, 1 − βh)
     ("ipo", 0.0, [(2 - 1) ** 2, (-1 - 1) ** 2]),  # (h − 1/(2β))², 1/(2β) = 1
-    # length regulariser, α = 0.1, |y_w| − |y_l| = 5 and 0: margins 1 − 0.5 = 0.5 and −0.5
-    ("dpo", 0.1, [softplus(-0.5), softplus(0.5)]),
-    ("slic", 0.1, [0.5, 1.5]),
-    ("ipo", 0.1, [0.0, 4.0]),  # ((margin − 1/2) / β)²
+    # length regulariser, α = 0.1, |y_w| − |y_l| = 5 and 0: margins 1 + 0.5 = 1.5 and −0.5
+    # (a longer chosen response is partly explained by its length: a smaller loss)
+    ("dpo", 0.1, [softplus(-1.5), softplus(0.5)]),
+    ("slic", 0.1, [0.0, 1.5]),
+    ("ipo", 0.1, [4.0, 4.0]),  # ((margin − 1/2) / β)²
 ])
 def test_daa_loss_by_hand(loss, alpha, expected):
     losses, chosen_rewards, rejected_rewards = daa.daa_loss(
