@@ -83,10 +83,10 @@ def test_tiny_scaling_plan_with_seeds(tmp_path, capsys):
         (m, s) for m in ("tiny-l", "tiny-m", "tiny-s") for s in "01"]
     daa = {Path(flag(c, "--out")).relative_to(tmp_path / "t").as_posix(): c for c in script_runs(cmds, "daa.py")}
     for seed in "01":
-        assert flag(daa[f"tiny-m/s{seed}/dpo-0.1-len0.01"], "--length-alpha") == "0.01"
+        assert flag(daa[f"tiny-m/s{seed}/dpo-0.1-len0.5"], "--length-alpha") == "0.5"
         assert flag(daa[f"tiny-m/s{seed}/dpo-0.1-nll1"], "--nll-alpha") == "1"
         assert flag(daa[f"tiny-m/s{seed}/dpo-0.1"], "--seed") == seed
-    assert not any(k.endswith(("len0.01", "nll1")) for k in daa if not k.startswith("tiny-m/"))  # middle size only
+    assert not any(k.endswith(("len0.5", "nll1")) for k in daa if not k.startswith("tiny-m/"))  # middle size only
     assert len(daa) == 2 * (3 * 3 + 2)
 
 
