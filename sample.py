@@ -145,7 +145,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, per rank")
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (log-probs are float32 either way)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights' dtype; log-probs are float32 either way "
+                   "(default: bfloat16 on cuda, which holds 6.9B policy and reference on one 80 GB GPU; float32 on cpu)")
     p.add_argument("--out", default=None, help="output JSONL (one --ckpt only); if omitted, samples-<ckpt name>.jsonl beside each checkpoint (summary: <out minus .jsonl>.summary.json)")
     args = p.parse_args(argv)
     ckpts = [training.model_dir(c).resolve() for c in args.ckpt]  # a run directory's `latest` -> its ckpt-<examples>
@@ -160,7 +161,8 @@ def main(argv=None):
     if len({r["id"] for r in all_rows}) < len(all_rows):
         raise ValueError(f"{args.prompts}: ids are not unique (judge.py and fit.py match rows by id)")
     chosen = select_prompts(all_rows, args.n, args.seed)
-    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=DTYPES[args.dtype], device=device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=dtype, device=device)
     max_length = min(args.max_length, ref.config.max_position_embeddings)
     encoded = [tok.encode(r["prompt"]) for r in chosen]
     for r, e in zip(chosen, encoded):
@@ -169,8 +171,9 @@ def main(argv=None):
                              f"(--max-length {args.max_length}, the model's {ref.config.max_position_embeddings} positions)")
     for ckpt in ckpts:
         out = Path(args.out) if args.out else ckpt.parent / f"samples-{ckpt.name}.jsonl"
-        policy = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype], device=device)
+        policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
         sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt)
+        del policy  # before the next loads: two models on the device at a time, never three
     training.finish(env)
 
 
