@@ -261,3 +261,53 @@ def test_activation_checkpointing_trains_the_same_model(inputs):
     tmp, args = inputs
     daa.main([*args, "--activation-checkpointing", "--out", str(tmp / "checkpointed")])
     assert max_diff(weights(tmp / "checkpointed"), weights(tmp / "reference")) <= 1e-6
+
+
+FSDP_CHECK = """
+import sys
+import torch
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+import daa, training
+from types import SimpleNamespace
+from model import Config, GPTNeoX
+env = training.setup(SimpleNamespace(device="cpu", fsdp=True, dtype="bfloat16", seed=0))
+torch.manual_seed(0)
+ref = training.freeze(GPTNeoX(Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)))
+ref = training.wrap(ref, env, fsdp=True)
+gathered = []
+ref.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_pre_hook(lambda m, a: gathered.append(m.weight.dtype))
+pair = (([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 3, 7], [-100, -100, -100, 7]))
+batch = daa.pack_pairs([pair, pair], pad_id=0)
+chosen, rejected = daa.ref_logps(ref, batch, env)
+assert gathered == [torch.bfloat16], gathered  # FSDP gathers bf16 weights under a bf16 run
+assert chosen.dtype == torch.float32 and torch.isfinite(chosen).all()
+for name, p in ref.named_parameters():  # the root's weights too: resharded after the reference's forward
+    assert isinstance(p, DTensor) and p.to_local().numel() < p.numel(), name
+print("fsdp ok")
+"""
+
+
+def test_fsdp_gathers_bf16_weights_and_reshards_the_reference(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(FSDP_CHECK)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(ROOT)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and r.stdout.count("fsdp ok") == 2, r.stdout + r.stderr
+
+
+def test_precomputed_reference_is_freed_before_training(inputs, monkeypatch):
+    """--precompute-ref: once the table is built nothing holds the reference model (under --fsdp it is
+    never wrapped, as an FSDP module that has run a forward outlives `del`)."""
+    import gc
+    import weakref
+    tmp, args = inputs
+    models, alive = [], []
+    real_load, real_step = training.load_model, training.train_step
+    monkeypatch.setattr(training, "load_model", lambda *a: models.append(weakref.ref(m := real_load(*a))) or m)
+    monkeypatch.setattr(training, "train_step", lambda *a: (gc.collect(), alive.append(sum(r() is not None for r in models)))
+                        and real_step(*a))
+    daa.main([*args, "--precompute-ref", "--out", str(tmp / "freed")])
+    assert len(models) == 2 and alive == [1, 1, 1]  # the policy only
