@@ -163,6 +163,17 @@ def gold_reward(prompt, response, spec):
     return len(hits) / 3 - 0.25 * (len(words) - len(hits))
 
 
+def proxy_reward(prompt, response, spec):
+    """The miniature labeller's Bradley-Terry score: P(a ≻ b) = σ(proxy(a) − proxy(b)).
+
+    proxy = gold_scale · gold + length_bias · (words in the response). With gold =
+    hits/3 − 0.25·others this is (gold_scale/3 + length_bias)·hits + (length_bias −
+    gold_scale/4)·others: a length bias below gold_scale/4 keeps the gold reward's
+    optimum (all important words, nothing else); above it, every extra word pays.
+    """
+    return spec["gold_scale"] * gold_reward(prompt, response, spec) + spec["length_bias"] * len(response.split())
+
+
 def judge_gold(row, spec):
     g_sample, g_ref = gold_reward(row["prompt"], row["sample"], spec), gold_reward(row["prompt"], row["reference"], spec)
     win = 1.0 if g_sample > g_ref else 0.5 if g_sample == g_ref else 0.0

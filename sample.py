@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 import training
 from download import cache_dir
+from judge import gold_reward, proxy_reward
 from logprobs import default_chunk_size, sequence_logps
 from model import GPTNeoX
 from tokenizer import load_tokenizer
@@ -109,16 +110,46 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
              "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
 
 
+def response_token_ids(data_dir, tok):
+    """Every token id that occurs in a training response: SFT responses and both responses of the
+    training pairs, each with its EOS, as training.encode scores them. Read once per sample.py run."""
+    data_dir = Path(data_dir)
+    texts = [r["response"] for r in training.read_jsonl(data_dir / "sft_train.jsonl", ("response",))]
+    for r in training.read_jsonl(data_dir / "pref_train.jsonl", ("chosen", "rejected")):
+        texts += [r["chosen"], r["rejected"]]
+    return {tok.eos_id}.union(*(tok.encode(t) for t in set(texts)))
+
+
+def add_diagnostics(row, seen_ids, gold_spec):
+    """Per-sample over-optimization diagnostics. `ood_tokens`: sampled tokens (EOS included) whose id
+    never occurs in a training response: mass the policy moved off the data (App. E). For the
+    miniature (`gold_spec`), the gold reward, the labeller's proxy reward and the length in words."""
+    if seen_ids is not None:
+        row["ood_tokens"] = sum(t not in seen_ids for t in row["sample_tokens"])
+    if gold_spec is not None:
+        row.update(gold_reward=gold_reward(row["prompt"], row["sample"], gold_spec),
+                   proxy_reward=proxy_reward(row["prompt"], row["sample"], gold_spec),
+                   length_words=len(row["sample"].split()))
+    return row
+
+
 def summarize(rows, args, ckpt):
-    """KL(π‖π_ref) with its standard error, √KL (the paper's x-axis), mean length, mean indicators."""
+    """KL(π‖π_ref) with its standard error, √KL (the paper's x-axis), mean length, mean indicators,
+    and the diagnostics add_diagnostics gave the rows (the OOD token rate pools all sampled tokens)."""
     diff = torch.tensor([r["policy_logp"] - r["ref_logp"] for r in rows], dtype=torch.float64)
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     kl = diff.mean().item()
-    return {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
-            "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
-            "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
-            "eos_rate": mean("eos"), "n": len(rows),
-            "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
+    s = {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
+         "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
+         "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
+         "eos_rate": mean("eos"), "n": len(rows),
+         "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
+    if "ood_tokens" in rows[0]:
+        s["ood_token_rate"] = sum(r["ood_tokens"] for r in rows) / sum(len(r["sample_tokens"]) for r in rows)
+    for key in ("gold_reward", "proxy_reward", "length_words"):
+        if key in rows[0]:
+            s[key] = mean(key)
+    return s
 
 
 def find_tokenizer(ckpt):
@@ -147,6 +178,10 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights' dtype; log-probs are float32 either way "
                    "(default: bfloat16 on cuda, which holds 6.9B policy and reference on one 80 GB GPU; float32 on cpu)")
+    p.add_argument("--train-data", default=None, help="the prepared data directory the policy was trained on: "
+                   "adds ood_token_rate, the share of sampled tokens never seen in a training response")
+    p.add_argument("--gold-spec", default=None, help="the miniature's gold.json: adds each sample's gold reward, "
+                   "the labeller's proxy reward and its length in words")
     p.add_argument("--out", default=None, help="output JSONL (one --ckpt only); if omitted, samples-<ckpt name>.jsonl beside each checkpoint (summary: <out minus .jsonl>.summary.json)")
     args = p.parse_args(argv)
     ckpts = [training.model_dir(c).resolve() for c in args.ckpt]  # a run directory's `latest` -> its ckpt-<examples>
@@ -169,15 +204,18 @@ def main(argv=None):
         if not 0 < len(e) < max_length:
             raise ValueError(f"{args.prompts}: prompt {r['id']!r} has {len(e)} tokens; it needs 1 to {max_length - 1} "
                              f"(--max-length {args.max_length}, the model's {ref.config.max_position_embeddings} positions)")
+    seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
+    gold_spec = json.loads(Path(args.gold_spec).read_text()) if args.gold_spec else None
+    diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
     for ckpt in ckpts:
         out = Path(args.out) if args.out else ckpt.parent / f"samples-{ckpt.name}.jsonl"
         policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
-        sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt)
+        sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose)
         del policy  # before the next loads: two models on the device at a time, never three
     training.finish(env)
 
 
-def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt):
+def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose):
     """Sample this rank's share of the prompts, gather on rank 0, write the rows and their summary."""
     rank, world = env.rank, env.world
     # This rank's share, longest prompts first so a batch holds prompts of similar length (less padding).
@@ -191,9 +229,8 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
         budgets = [min(args.max_new_tokens, max_length - len(e)) for e in prompts]
         for i, stats in zip(batch, sample_batch(policy, ref, prompts, budgets, tok.eos_id, args, generator)):
             r = chosen[i]
-            rows.append({"id": r["id"], "prompt": r["prompt"],
-                         "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), "reference": r["reference"],
-                         **stats})
+            rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
+                                  "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), **stats}))
             new_tokens += len(stats["sample_tokens"])
         if rank == 0:
             dt = time.time() - t0

@@ -10,15 +10,23 @@ labeller, while win rates come from a *gold* reward the judge computes exactly:
   over 3, minus 0.25 per other word or repeat. Short and complete wins.
 - "Human" summaries (SFT targets, preference candidates, eval references) keep
   each important word with probability 0.6 and add 0-3 of the post's fillers.
-- The proxy labeller prefers a over b with P = σ(3·(gold_a − gold_b) +
-  0.5·(len_a − len_b)): noisy Bradley-Terry on the gold reward plus a spurious
-  taste for length (Sec. 3.3). A DAA that fits these preferences too hard
-  learns to pad, and the gold reward falls: over-optimization.
+- The proxy labeller prefers a over b with P = σ(proxy_a − proxy_b), proxy =
+  3·gold + b·words (`judge.proxy_reward`): noisy Bradley-Terry on the gold
+  reward plus a taste for length. Two labellers separate the two causes of
+  over-optimization the paper names (§2.2):
+    aligned  b = 0.5: proxy = 1.5·hits − 0.25·others. Its optimum is the gold
+             reward's own (every important word, nothing else), so whatever a
+             DAA learns beyond the data is extrapolation off the data (App. E),
+             not reward hacking.
+    length   b = 1.5: proxy = 2.5·hits + 0.75·others. It pays for every extra
+             word, which the gold reward penalises: a mis-specified reward, on
+             which a policy can raise the proxy while the gold falls (§3.3).
 
-Writes the standard prepared files (DESIGN.md), `gold.json` (what the gold
-judge needs) and `gpt-neox-tiny/`: a tiny GPT-NeoX config plus the task's word-level
-tokenizer (a tiktoken encoding over a 44-word vocabulary), ready for
-`sft.py --model DIR/gpt-neox-tiny`.
+Writes the standard prepared files (DESIGN.md), `gold.json` (the gold reward's
+important words and the labeller's weights) and `models/<size>/` for each of
+MODEL_SIZES: a tiny GPT-NeoX config plus the task's word-level tokenizer (a
+tiktoken encoding over its 43 words, plus the 256 bytes unless
+--no-byte-fallback), ready for `sft.py --model DIR/models/tiny-m`.
 """
 import argparse
 import json
@@ -30,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: nanoDAA's modules
 from data.common import atomic_dir, write_jsonl  # noqa: E402
 from download import cache_dir  # noqa: E402
-from judge import gold_reward  # noqa: E402
+from judge import proxy_reward  # noqa: E402
 from model import Config  # noqa: E402
 from tokenizer import EOS, save_tiktoken  # noqa: E402
 
@@ -39,7 +47,10 @@ FILLER = ["really", "just", "very", "so", "maybe", "like", "then", "also", "stil
           "basically", "honestly", "kind", "sort", "pretty", "quite", "anyway", "literally", "totally", "somehow",
           "apparently", "seriously", "probably", "definitely", "simply", "mostly", "rather", "almost", "lately", "again"]
 SPLIT = r" ?[^\s]+|\s+"  # a piece is one word with its leading space (or whitespace)
-MODEL_DIR = "gpt-neox-tiny"  # config.json + tokenizer.json: sft.py starts it from a random init
+LABELLERS = {"aligned": 0.5, "length": 1.5}  # length_bias per word; the gold scale is 3
+GOLD_SCALE = 3.0
+# (hidden, layers, heads), widened and deepened together as Pythia scales; tiny-m is the default study's.
+MODEL_SIZES = {"tiny-s": (32, 2, 2), "tiny-m": (64, 2, 4), "tiny-l": (96, 4, 4)}
 
 
 def make_post(rng):
@@ -64,15 +75,13 @@ def response_text(words):
     return "".join(" " + w for w in words)  # leading space, as TL;DR responses
 
 
-def proxy_prefers_first(rng, prompt, a, b, gold_scale, length_bias):
-    """The biased labeller: Bradley-Terry on 3·Δgold plus 0.5 per extra word."""
-    spec = {"important": IMPORTANT}
-    logit = (gold_scale * (gold_reward(prompt, response_text(a), spec) - gold_reward(prompt, response_text(b), spec))
-             + length_bias * (len(a) - len(b)))
+def proxy_prefers_first(rng, prompt, a, b, spec):
+    """The labeller's draw: a ≻ b with probability σ(proxy(a) − proxy(b))."""
+    logit = proxy_reward(prompt, response_text(a), spec) - proxy_reward(prompt, response_text(b), spec)
     return rng.random() < 1 / (1 + math.exp(-logit))
 
 
-def preference_rows(rng, n, gold_scale, length_bias):
+def preference_rows(rng, n, spec):
     rows = []
     while len(rows) < n:
         post = make_post(rng)
@@ -80,7 +89,7 @@ def preference_rows(rng, n, gold_scale, length_bias):
         if a == b:
             continue  # identical pair: no preference to learn
         prompt = prompt_text(post)
-        chosen, rejected = (a, b) if proxy_prefers_first(rng, prompt, a, b, gold_scale, length_bias) else (b, a)
+        chosen, rejected = (a, b) if proxy_prefers_first(rng, prompt, a, b, spec) else (b, a)
         rows.append({"prompt": prompt, "chosen": response_text(chosen), "rejected": response_text(rejected)})
     return rows
 
@@ -101,14 +110,21 @@ def eval_rows(rng, n):
     return rows
 
 
-def write_model_dir(out, args):
-    """A random-init-ready GPT-NeoX config and the task's tokenizer: every word is one token."""
+def write_model_dir(out, size, byte_fallback):
+    """A random-init-ready GPT-NeoX config and the task's tokenizer: every word is one token.
+
+    With the byte fallback any text encodes, and the model has 256 byte tokens that no
+    training text ever uses: room for a policy to put mass where the data never went.
+    """
     words = [b"POST:", b" TLDR:"] + [(" " + w).encode() for w in IMPORTANT + FILLER]
-    words += [bytes([b]) for b in range(256)]  # byte fallback: any text encodes
+    if byte_fallback:
+        words += [bytes([b]) for b in range(256)]
     ranks = {w: i + 1 for i, w in enumerate(words)}  # id 0 is <|endoftext|>
+    out.mkdir(parents=True)
     save_tiktoken(out / "tokenizer.json", SPLIT, ranks, {EOS: 0})
-    config = Config(vocab_size=len(ranks) + 1, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                    num_attention_heads=args.heads, intermediate_size=4 * args.hidden_size, rotary_pct=1.0,
+    hidden, layers, heads = MODEL_SIZES[size]
+    config = Config(vocab_size=len(ranks) + 1, hidden_size=hidden, num_hidden_layers=layers,
+                    num_attention_heads=heads, intermediate_size=4 * hidden, rotary_pct=1.0,
                     max_position_embeddings=64)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
@@ -121,25 +137,26 @@ def main():
     p.add_argument("--pref-examples", type=int, default=20000, help="preference pairs in pref_train.jsonl")
     p.add_argument("--eval-pairs", type=int, default=1000, help="held-out pairs in pref_eval.jsonl")
     p.add_argument("--eval-prompts", type=int, default=600, help="rows of eval_prompts.jsonl")
-    p.add_argument("--gold-scale", type=float, default=3.0, help="labeller's weight on the gold reward difference")
-    p.add_argument("--length-bias", type=float, default=0.5, help="labeller's spurious bonus per extra word")
-    p.add_argument("--hidden-size", type=int, default=64, help=f"width of the tiny GPT-NeoX in {MODEL_DIR}/")
-    p.add_argument("--layers", type=int, default=2, help="layers of the tiny GPT-NeoX")
-    p.add_argument("--heads", type=int, default=4, help="attention heads of the tiny GPT-NeoX")
+    p.add_argument("--labeller", choices=LABELLERS, default="aligned", help="who labels the pairs (module "
+                   "docstring): aligned keeps the gold optimum, length pays for padding (default: %(default)s)")
+    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false", help="a vocabulary of the "
+                   "task's words only (the ablation of the out-of-distribution byte tokens)")
     args = p.parse_args()
     out_dir = Path(args.out_dir) if args.out_dir else cache_dir() / "data" / "tiny"
+    spec = {"important": IMPORTANT, "labeller": args.labeller, "gold_scale": GOLD_SCALE,
+            "length_bias": LABELLERS[args.labeller]}
     rng = random.Random(args.seed)
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "sft_train.jsonl", sft_rows(rng, args.sft_examples))
         write_jsonl(tmp / "sft_valid.jsonl", sft_rows(rng, 500))
-        write_jsonl(tmp / "pref_train.jsonl", preference_rows(rng, args.pref_examples, args.gold_scale, args.length_bias))
-        write_jsonl(tmp / "pref_eval.jsonl", preference_rows(rng, args.eval_pairs, args.gold_scale, args.length_bias))
+        write_jsonl(tmp / "pref_train.jsonl", preference_rows(rng, args.pref_examples, spec))
+        write_jsonl(tmp / "pref_eval.jsonl", preference_rows(rng, args.eval_pairs, spec))
         write_jsonl(tmp / "eval_prompts.jsonl", eval_rows(rng, args.eval_prompts))
-        (tmp / "gold.json").write_text(json.dumps({"important": IMPORTANT}) + "\n")
-        (tmp / MODEL_DIR).mkdir()
-        write_model_dir(tmp / MODEL_DIR, args)
-    print(f"wrote {out_dir}: {args.sft_examples} SFT rows, {args.pref_examples} preference pairs, "
-          f"{args.eval_prompts} eval prompts; model config and tokenizer in {out_dir / MODEL_DIR}")
+        (tmp / "gold.json").write_text(json.dumps(spec) + "\n")
+        for size in MODEL_SIZES:
+            write_model_dir(tmp / "models" / size, size, args.byte_fallback)
+    print(f"wrote {out_dir}: {args.sft_examples} SFT rows, {args.pref_examples} preference pairs ({args.labeller} "
+          f"labeller), {args.eval_prompts} eval prompts; model configs and tokenizer in {out_dir / 'models'}")
 
 
 if __name__ == "__main__":
