@@ -100,6 +100,8 @@ def get_parser():
                    "default, turns it off")
     p.add_argument("--precompute-ref", action="store_true", help="one pass computes the reference log-probs of "
                    "every pair, then the reference model is freed (saves its memory during training)")
+    p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", help="score each pair as "
+                   "two rows [prompt | chosen], [prompt | rejected] instead of one [prompt | chosen | rejected]")
     p.add_argument("--eval-examples", type=int, default=256, help="pairs of pref_eval.jsonl scored at every "
                    "checkpoint (loss, reward accuracy, margin, log-ratios; eval.json); 0 skips evaluation "
                    "(default: %(default)s, App. B: 256 held-out prompts for all evaluations)")
@@ -107,19 +109,65 @@ def get_parser():
     return p
 
 
-def pair_batch(tok, pairs, idx, split, max_length, device):
-    """Chosen and rejected of each pair in one padded batch, [chosen_0..chosen_n, rejected_0..rejected_n],
-    so the policy runs one forward per micro-batch (the DPO reference code's concatenated_forward)."""
+def pair_batch(tok, pairs, idx, split, max_length, device, shared=True):
+    """The pairs `idx` as one batch, with both responses sharing one truncated prompt (training.encode).
+
+    shared (the default): one row per pair, [prompt | chosen | rejected] (pack_pairs), so the
+    prompt, on TL;DR ten times a summary's length, runs through the model once per pair.
+    Otherwise two rows per pair, [chosen_0..chosen_n, rejected_0..rejected_n], in one padded
+    batch (the DPO reference code's concatenated_forward). Both carry chosen_tokens and
+    rejected_tokens [n]: each response's scored tokens, EOS included.
+    """
     seqs = [training.encode(tok, pairs[i]["prompt"], [pairs[i]["chosen"], pairs[i]["rejected"]], max_length)
             for i in idx]
-    batch = training.collate([s[0] for s in seqs] + [s[1] for s in seqs], tok.eos_id, device)
-    tokens = (batch["labels"] != training.IGNORE).sum(1)  # scored response tokens, EOS included
-    return dict(batch, idx=idx, split=split, chosen_tokens=tokens[:len(idx)], rejected_tokens=tokens[len(idx):])
+    n_tokens = torch.tensor([[sum(t != training.IGNORE for t in labels) for _, labels in s] for s in seqs])
+    batch = pack_pairs(seqs, tok.eos_id) if shared else \
+        training.collate([s[0] for s in seqs] + [s[1] for s in seqs], tok.eos_id, "cpu")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return dict(batch, idx=idx, split=split, chosen_tokens=n_tokens[:, 0].to(device),
+                rejected_tokens=n_tokens[:, 1].to(device))
+
+
+def pack_pairs(seqs, pad_id):
+    """Prefix-shared rows [prompt | chosen | rejected], right-padded, from training.encode's pairs.
+
+    rejected attends to the prompt and to itself, never to chosen, and its positions continue
+    from the end of the prompt as if chosen were absent: each response sees exactly what it
+    sees in a row of its own. labels [n, 2, T] (logprobs.sequence_logps): response k's token
+    predicted by position t sits at labels[:, k, t + 1], so the prompt's last position predicts
+    the first token of both responses; attention_mask is the [n, T, T] query-sees-key matrix.
+    """
+    rows = []
+    for (ids_c, labels_c), (ids_r, _) in seqs:
+        p = labels_c.count(training.IGNORE)  # the shared prompt's length
+        rows.append((ids_c[:p], ids_c[p:], ids_r[p:]))
+    T = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), 2, T), training.IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    part = torch.full((len(rows), T), 3)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    for i, (p, c, r) in enumerate(rows):
+        P, C, R = len(p), len(c), len(r)
+        ids[i, :P + C + R] = torch.tensor(p + c + r)
+        pos[i, :P + C] = torch.arange(P + C)
+        pos[i, P + C:P + C + R] = torch.arange(P, P + R)
+        part[i, :P], part[i, P:P + C], part[i, P + C:P + C + R] = 0, 1, 2
+        labels[i, 0, P:P + C] = torch.tensor(c)
+        labels[i, 1, P] = r[0]  # predicted by the prompt's last position, as chosen's first token
+        labels[i, 1, P + C + 1:P + C + R] = torch.tensor(r[1:])
+    q, k = part[:, :, None], part[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal & ~((q == 2) & (k == 1))
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
+            "tokens": (part < 3).sum()}
 
 
 def pair_logps(model, batch):
     """Sequence log-probs (summed over response tokens) of the chosen and of the rejected responses."""
-    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                    position_ids=batch.get("position_ids"))
+    if logps.dim() == 2:  # prefix-shared: [n, 2]
+        return logps[:, 0], logps[:, 1]
     n = len(logps) // 2
     return logps[:n], logps[n:]
 
@@ -152,7 +200,9 @@ def make_loss_fn(args, reference):
 
 def ref_logps(ref, batch, env):
     with torch.no_grad(), env.autocast():
-        return pair_logps(ref, batch)
+        logps = pair_logps(ref, batch)
+    training.reshard(ref)  # after pair_logps, which reads embed_out.weight once the forward is done
+    return logps
 
 
 def precompute(ref, batches, n_batches, env):
@@ -207,12 +257,15 @@ def main(argv=None):
 
     # Load and wrap one model at a time: with --fsdp each is whole on the device only until it is sharded.
     policy = training.wrap(training.load_model(state["dir"] if state else args.init, args.seed, env.device),
-                           env, args.fsdp)
+                           env, args.fsdp, args.activation_checkpointing)
+    # A reference used only for the precomputing pass stays unwrapped (each process runs it whole, with
+    # no collective), so dropping it frees it: an FSDP module that has run a forward outlives `del`.
     ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
-                        env, args.fsdp)
+                        env, args.fsdp and not args.precompute_ref)
 
     def batch(idx, split):
-        return pair_batch(tok, pairs if split == "train" else eval_pairs, idx, split, args.max_length, env.device)
+        return pair_batch(tok, pairs if split == "train" else eval_pairs, idx, split, args.max_length, env.device,
+                          args.prefix_sharing)
     eval_idx = training.shard(len(eval_pairs), env, plan.micro)
     todo = [(idx, "eval") for idx in eval_idx]  # the eval pairs' reference log-probs never change: computed once
     if args.precompute_ref:

@@ -45,15 +45,20 @@ bench/logprobs.py measures both on CPU.
 
 Precision. Float32, bfloat16 and float16 inputs compute in fp32 (the weight is
 upcast once per pass, a hidden chunk as it is used) and return fp32 log-probs;
-gradients come back in the inputs' dtypes. Float64 inputs compute and return
-float64, so torch.autograd.gradcheck can check the hand-written backward.
+gradients come back in the inputs' dtypes. Autocast is switched off inside both
+passes, so the matmuls are fp32 under a bf16 autocast by design. Float64 inputs
+compute and return float64, so torch.autograd.gradcheck can check the
+hand-written backward.
 
 On a GPU. Same algorithm, same memory. It is matmul-bound: expect about 4/3 of
 the naive time once C is in the hundreds, as each chunk is a [C, D] × [D, V]
-GEMM large enough to fill the GPU. The matmuls are fp32; allow TF32
-(`torch.backends.cuda.matmul.allow_tf32 = True`, as training.py does) to run them
-on tensor cores, which for bf16 inputs loses nothing: bf16's 8-bit significand
-fits TF32's 11 bits. A Triton kernel that fused the softmax into the matmul
+GEMM large enough to fill the GPU. The matmuls are fp32; training.py allows TF32
+(`torch.backends.cuda.matmul.allow_tf32 = True`) to run them on tensor cores. That
+does round: the hidden states arrive in fp32 (the final LayerNorm runs in fp32
+under autocast) and the master weight is fp32, and TF32 keeps 10 of their 23
+mantissa bits, so logits carry about 1e-3 relative error, as a bf16 forward
+would. sample.py turns TF32 off: its KL is a small difference of large sums.
+bench/gpu.py measures the error. A Triton kernel that fused the softmax into the matmul
 (Liger's fused linear cross-entropy) would skip the passes over the [C, V]
 buffer; this file stays plain PyTorch that runs anywhere.
 """
@@ -72,6 +77,11 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 by design, not because out= escapes autocast
+            return _TokenLogprobs._forward(ctx, hidden, weight, targets, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, chunk_size):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         n, v = hidden.shape[0], weight.shape[0]
         w = weight.to(acc)  # no copy for fp32
@@ -95,6 +105,11 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp):
+        with torch.autocast(grad_logp.device.type, enabled=False):
+            return _TokenLogprobs._backward(ctx, grad_logp)
+
+    @staticmethod
+    def _backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
         c, acc = ctx.chunk_size, lse.dtype
         (n, d), v = hidden.shape, weight.shape[0]
@@ -134,23 +149,28 @@ def token_logprobs(hidden, weight, targets, chunk_size=None):
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size or default_chunk_size(n, d, weight.shape[0]))
 
 
-def sequence_logps(model, input_ids, labels, attention_mask=None, return_hidden=False):
-    """Σ_t log π(y_t | x, y_<t) over each row's response tokens: [B, T] ids and labels -> [B] float32.
+def sequence_logps(model, input_ids, labels, attention_mask=None, return_hidden=False, position_ids=None):
+    """Σ_t log π(y_t | x, y_<t) over each response's tokens: [B, T] ids and labels -> [B] float32.
     With `return_hidden`, also the final-norm hidden states [B, T, D] it computed on the way
     (sample.py reads other statistics from them without a second forward).
 
     Labels are the ids with -100 on prompt and padding; position t's output predicts
-    labels[:, t + 1]. Only positions that predict a response token reach the
+    labels[:, t + 1]. Labels [B, K, T] score K responses packed in one row (daa.py's
+    prefix-shared pairs) and give [B, K]: position t's output predicts labels[:, k, t + 1]
+    for response k, so one position (the prompt's last) may score the first token of
+    several responses. Only positions that predict a response token reach the
     unembedding: a TL;DR prompt is several times longer than its summary, and its
     logits would be computed only to be masked.
     """
-    hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)  # [B, T, D]
+    hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
     # Read the weight after the call: DDP keeps the model in .module, and FSDP gathers the
     # root's sharded weights (embed_out's among them) in its forward.
     weight = getattr(model, "module", model).embed_out.weight
-    targets = labels[:, 1:]
+    targets = labels[..., 1:]
     scored = targets != IGNORE
-    logp = token_logprobs(hidden[:, :-1][scored], weight, targets[scored])
-    rows = scored.nonzero(as_tuple=True)[0]
-    logps = torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    where = scored.nonzero(as_tuple=True)  # (row, [response,] position)
+    logp = token_logprobs(hidden[:, :-1][where[0], where[-1]], weight, targets[scored])
+    seq = where[0] if labels.dim() == 2 else where[0] * labels.shape[1] + where[1]
+    logps = torch.zeros(labels.shape[:-1].numel(), dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    logps = logps.view(labels.shape[:-1])
     return (logps, hidden) if return_hidden else logps

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 import download
@@ -174,18 +175,34 @@ class GPTNeoXModel(nn.Module):
 def attention_mask_4d(attention_mask, past, T, dtype, device):
     """Additive [B|1, 1, T, past+T] mask (0 = attend, -inf = not), or None for plain causal attention.
 
-    Padded keys are masked; a query may always see itself, so a padding query whose keys
-    are all padding (left padding) still has one key and its softmax never gives NaN.
-    Built once per forward as floats: SDPA would otherwise convert a boolean mask in every layer.
+    attention_mask is a padding mask [B, past+T] (1 = token), or a custom [B, T, T] boolean
+    "query may see key" matrix (prefix-shared pairs, daa.py). Padded keys are masked; a query
+    may always see itself, so a padding query whose keys are all padding (left padding) still
+    has one key and its softmax never gives NaN. Built once per forward in the compute dtype:
+    SDPA (and autocast) would otherwise convert it in every layer.
     """
     if attention_mask is None and past == 0:
         return None
     q = torch.arange(past, past + T, device=device)[:, None]
     k = torch.arange(past + T, device=device)[None, :]
-    allowed = k <= q
-    if attention_mask is not None:
-        allowed = allowed & (attention_mask.bool()[:, None, None, :] | (k == q))
+    if attention_mask is not None and attention_mask.dim() == 3:
+        allowed = attention_mask.bool()[:, None] | (k == q)
+    else:
+        allowed = k <= q
+        if attention_mask is not None:
+            allowed = allowed & (attention_mask.bool()[:, None, None, :] | (k == q))
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def right_padded(attention_mask):
+    """True when every row is tokens then padding: causal attention is then exact for every token
+    (no token sees a later position), so no mask is needed and SDPA can take its flash kernel."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def compute_dtype(x):
+    """The dtype the matmuls run in: autocast's when it is on, else the activations'."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 class GPTNeoX(nn.Module):
@@ -194,6 +211,7 @@ class GPTNeoX(nn.Module):
         self.config = config
         self.gpt_neox = GPTNeoXModel(config)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied from embed_in
+        self.activation_checkpointing = False  # training.py's --activation-checkpointing sets it
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
@@ -206,33 +224,48 @@ class GPTNeoX(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx, attention_mask=None, kv_cache=None, return_hidden=False):
+    def forward(self, idx, attention_mask=None, kv_cache=None, return_hidden=False, position_ids=None):
         """idx [B, T] -> float32 logits [B, T, V], or final-norm hidden states [B, T, D].
 
-        attention_mask [B, past+T] (1 = token, 0 = padding) covers the cached tokens too.
-        Position ids count tokens only (cumsum - 1), so a left-padded row equals that row alone.
+        attention_mask: a padding mask [B, past+T] (1 = token, 0 = padding) that covers the cached
+        tokens too, or a [B, T, T] boolean mask of which key each query sees (no cache).
+        Position ids default to counting tokens only (cumsum - 1), so a left-padded row equals
+        that row alone; `position_ids` [B, T] overrides them (prefix-shared pairs restart the
+        rejected response's positions at the end of the prompt).
+        With `activation_checkpointing` set, forwards under grad keep only each block's input and
+        recompute the block in backward (non-reentrant torch.utils.checkpoint: DDP and FSDP work).
         """
         c, (B, T) = self.config, idx.shape
         past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and past + T > kv_cache.k.shape[3]:
             raise ValueError(f"KV cache holds {kv_cache.k.shape[3]} positions; {past} used, {T} more requested")
-        if attention_mask is not None and past == 0 and T > 1 and bool(attention_mask.all()):
-            attention_mask = None  # nothing to mask: take the fast causal kernel
-        if attention_mask is None:
+        if attention_mask is not None and attention_mask.dim() == 3 and kv_cache is not None:
+            raise ValueError("a [B, T, T] attention mask cannot be used with a KV cache")
+        if position_ids is not None:
+            pos = position_ids
+        elif attention_mask is None or attention_mask.dim() == 3:
             pos = torch.arange(past, past + T, device=idx.device)[None, :]
         else:
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        if attention_mask is not None and attention_mask.dim() == 2 and past == 0 and right_padded(attention_mask):
+            attention_mask = None  # training batches: exact without a mask, and the fast causal kernel
         x = self.gpt_neox.embed_in(idx)
-        mask = attention_mask_4d(attention_mask, past, T, x.dtype, idx.device)
-        # Rotary angles in float32 (as transformers), computed here so that casting the model cannot round them.
+        dtype = compute_dtype(x)
+        mask = attention_mask_4d(attention_mask, past, T, dtype, idx.device)
+        # Rotary angles in float32 (as transformers), computed here so that casting the model cannot round them;
+        # cos/sin in the compute dtype, so under autocast they do not promote q and k back to float32.
         hs = c.hidden_size // c.num_attention_heads
         r = int(hs * c.rotary_pct)
         inv_freq = 1.0 / (c.rotary_emb_base ** (torch.arange(0, r, 2, device=idx.device, dtype=torch.float32) / r))
         angles = pos[..., None].float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B|1, 1, T, r]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.gpt_neox.layers):
-            x = block(x, cos, sin, mask, kv_cache, i)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.gpt_neox.final_layer_norm(x)

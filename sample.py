@@ -193,7 +193,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, per rank")
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights' dtype (log-probs are float32 either way)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights' dtype; log-probs are float32 either way "
+                   "(default: bfloat16 on cuda, which holds 6.9B policy and reference on one 80 GB GPU; float32 on cpu)")
     p.add_argument("--train-data", default=None, help="the prepared data directory the policy was trained on: "
                    "adds ood_token_rate, the share of sampled tokens never seen in a training response")
     p.add_argument("--gold-spec", default=None, help="the miniature's gold.json: adds each sample's gold reward, "
@@ -217,7 +218,8 @@ def main(argv=None):
     if len({r["id"] for r in all_rows}) < len(all_rows):
         raise ValueError(f"{args.prompts}: ids are not unique (judge.py and fit.py match rows by id)")
     chosen = select_prompts(all_rows, args.n, args.seed)
-    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=DTYPES[args.dtype], device=device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=dtype, device=device)
     max_length = min(args.max_length, ref.config.max_position_embeddings)
     if args.max_prompt_length < 1 or max_length < 2:
         raise ValueError(f"--max-prompt-length {args.max_prompt_length} and the max length {max_length} (--max-length "
@@ -232,9 +234,10 @@ def main(argv=None):
     gold_spec = json.loads(Path(args.gold_spec).read_text()) if args.gold_spec else None
     diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
     for ckpt, out in zip(ckpts, outs):
-        policy = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype], device=device)
+        policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
         sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose)
         download.release(f"{out}.lock")
+        del policy  # before the next loads: two models on the device at a time, never three
     training.finish(env)
 
 

@@ -48,7 +48,7 @@ def main(argv=None):
     if training.finished(state, env):
         return training.finish(env)
     model = training.wrap(training.load_model(state["dir"] if state else args.model, args.seed, env.device),
-                           env, args.fsdp)
+                          env, args.fsdp, args.activation_checkpointing)
     optimizer = training.make_optimizer(args, model)
     if state:
         training.load_optimizer(model, optimizer, state["dir"])

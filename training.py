@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import download
@@ -40,7 +41,8 @@ from download import cache_dir
 from model import Config, GPTNeoX
 
 IGNORE = -100  # label of prompt and padding positions (logprobs.py gives them log-prob 0)
-FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device"}  # the math stays the same
+FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device",  # the math stays the same
+                                   "activation_checkpointing", "dist_timeout"}
 
 
 def add_args(parser, checkpoints):
@@ -78,6 +80,12 @@ def add_args(parser, checkpoints):
                    "weights, gradients and optimizer state stay float32 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the "
                    "processes with torch's fully_shard (for models DDP cannot hold, e.g. pythia-6.9b)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="keep only each block's input in "
+                   "the forward and recompute the block in backward: less activation memory for about a third "
+                   "more compute (a larger --micro-batch-size then fits)")
+    p.add_argument("--dist-timeout", type=float, default=180, help="minutes a process waits in a collective "
+                   "before the run is aborted; generous, as the other processes wait while rank 0 writes a "
+                   "checkpoint (tens of GB at 6.9B; NCCL's own default is 10) (default %(default)s)")
     p.add_argument("--log-interval", type=int, default=10, help="print a progress line every N steps (rank 0; "
                    "default %(default)s); metrics.jsonl gets every step")
     return p
@@ -96,7 +104,8 @@ def setup(args):
         torch.backends.cuda.matmul.allow_tf32 = True  # logprobs.py's fp32 matmuls on tensor cores
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=getattr(args, "dist_timeout", 180)))
     if args.fsdp and world == 1:
         raise ValueError("--fsdp shards over processes: start it with torchrun --nproc_per_node N (N > 1)")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -105,7 +114,7 @@ def setup(args):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     torch.manual_seed(args.seed)
     return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, main=rank == 0,
-                           autocast=autocast, owns_group=owns_group)
+                           dtype=dtype, autocast=autocast, owns_group=owns_group)
 
 
 def finish(env):
@@ -196,7 +205,8 @@ def collate(seqs, pad_id, device):
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, (x, y) in enumerate(seqs):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
+            "tokens": mask.sum()}
 
 
 def make_plan(args, env, n_examples):
@@ -256,16 +266,33 @@ def load_model(name_or_dir, seed, device):
     return GPTNeoX.from_pretrained(str(d), device=device)
 
 
-def wrap(model, env, fsdp):
-    """DDP replicates the model and all-reduces gradients; FSDP shards each block and the rest."""
+def wrap(model, env, fsdp, checkpointing=False):
+    """DDP replicates the model and all-reduces gradients; FSDP shards each block and the rest.
+
+    Under a bf16 run FSDP gathers bf16 weights and reduces gradients in fp32: without that policy
+    autocast would cast each gathered fp32 weight and save the bf16 copy, unsharded, for backward.
+    DDP's gradient_as_bucket_view lets .grad live in its all-reduce buckets instead of beside
+    them (4 bytes per parameter less). `checkpointing`: --activation-checkpointing.
+    """
+    model.activation_checkpointing = checkpointing
     if fsdp:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if env.dtype == "bfloat16" else MixedPrecisionPolicy()
         for block in model.gpt_neox.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
         return model
     if env.world > 1 and any(p.requires_grad for p in model.parameters()):
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                   gradient_as_bucket_view=True)
     return model
+
+
+def reshard(model):
+    """Free an FSDP model's gathered root weights (embed_in, embed_out, final norm). FSDP keeps the
+    root gathered after its forward for the backward to come; a frozen reference has none."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def unwrap(model):
@@ -315,7 +342,7 @@ def train_step(model, optimizer, batches, loss_fn, env, args, step):
         with env.autocast():
             loss, stats = loss_fn(model, batch)
         (loss / len(batches)).backward()
-        stats = dict(stats, examples=torch.ones_like(stats["loss"]), tokens=batch["attention_mask"].sum())
+        stats = dict(stats, examples=torch.ones_like(stats["loss"]), tokens=batch["tokens"])
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v.detach().sum()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -442,6 +469,9 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
         link.unlink(missing_ok=True)
         link.symlink_to(name)
         os.replace(link, out / "latest")  # atomic: `latest` always names a complete checkpoint
+        for old in out.glob("ckpt-*/optimizer.safetensors"):  # resume needs only the newest's
+            if old.parent.name != name:
+                old.unlink()
         say(env, f"saved {final}")
     barrier(env)
 

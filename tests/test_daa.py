@@ -279,3 +279,157 @@ def test_second_launch_refuses_while_the_first_runs_and_a_rerun_after_sigkill_re
     daa.main([*args, "--out", str(out)])  # the OS dropped the killed run's lock: this resumes
     assert "resuming from" in capsys.readouterr().out
     assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6
+
+
+# ---------------------------------------------------------------- prefix-shared pairs
+
+PAIRS = [  # chosen shorter, longer, an empty response (EOS only), a long prompt that truncation cuts
+    {"prompt": "SUBREDDIT: r/test\n\nPOST: my cat keeps waking me up at night.\n\nTL;DR:",
+     "chosen": " cat wakes me", "rejected": " I have a cat and it wakes me up at night, every night"},
+    {"prompt": "POST: short post\nTL;DR:", "chosen": " a chosen summary that is longer than the other",
+     "rejected": " brief"},
+    {"prompt": "POST: nothing to say\nTL;DR:", "chosen": " something", "rejected": ""},
+    {"prompt": "POST: " + "many words in a long post " * 20 + "\nTL;DR:", "chosen": " long post",
+     "rejected": " words words words words"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizer import load_tokenizer
+    return load_tokenizer(ROOT / "tests" / "fixtures" / "gpt-neox-20b-tokenizer.json")
+
+
+@pytest.mark.parametrize("cfg,max_length", [
+    (dict(), 1024), (dict(), 24),  # no truncation; truncation of the prompt and of responses
+    (dict(use_parallel_residual=False, rotary_pct=1.0, num_hidden_layers=3), 40),
+])
+def test_prefix_shared_pairs_equal_two_rows_in_float64(tok, cfg, max_length):
+    """Log-probs and gradients of one row [prompt | chosen | rejected] equal those of two rows, to 1e-10."""
+    from model import Config, GPTNeoX
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(vocab_size=50304, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                           **{"num_hidden_layers": 2, **cfg})).double()
+    idx = list(range(len(PAIRS)))
+    shared, rows = (daa.pair_batch(tok, PAIRS, idx, "train", max_length, "cpu", shared=s) for s in (True, False))
+    assert shared["input_ids"].shape[0] == 4 and rows["input_ids"].shape[0] == 8
+    assert shared["chosen_tokens"].tolist() == rows["chosen_tokens"].tolist() == \
+        (rows["labels"][:4] != training.IGNORE).sum(1).tolist()
+    assert shared["rejected_tokens"].tolist() == (rows["labels"][4:] != training.IGNORE).sum(1).tolist()
+    assert shared["rejected_tokens"][2] == 1  # the empty response: its EOS
+    assert shared["tokens"] < rows["tokens"]  # the point: each prompt once
+    w = torch.tensor([0.3, -1.0, 0.7, 2.0], dtype=torch.float64)
+    results = []
+    for batch in (shared, rows):
+        model.zero_grad()
+        chosen, rejected = daa.pair_logps(model, batch)
+        (w @ chosen - w.flip(0) @ rejected).backward()
+        results.append((chosen.detach(), rejected.detach(), [p.grad.clone() for p in model.parameters()]))
+    (c1, r1, g1), (c2, r2, g2) = results
+    torch.testing.assert_close(c1, c2, atol=1e-10, rtol=0)
+    torch.testing.assert_close(r1, r2, atol=1e-10, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_prefix_shared_mask_positions_and_labels(tok):
+    """The rules, read off the batch: rejected sees the prompt and itself, never chosen; its positions
+    restart where the prompt ends; the prompt's last position predicts both responses' first token."""
+    b = daa.pair_batch(tok, PAIRS, [0, 2], "train", 1024, "cpu")
+    for i, pair in enumerate([PAIRS[0], PAIRS[2]]):
+        p, c = tok.encode(pair["prompt"]), tok.encode(pair["chosen"]) + [tok.eos_id]
+        r = tok.encode(pair["rejected"]) + [tok.eos_id]
+        P, C, R = len(p), len(c), len(r)
+        assert b["input_ids"][i, :P + C + R].tolist() == p + c + r
+        assert b["position_ids"][i, :P + C + R].tolist() == list(range(P + C)) + list(range(P, P + R))
+        m = b["attention_mask"][i]
+        causal = torch.ones(P + C + R, P + C + R, dtype=torch.bool).tril()
+        assert torch.equal(m[:P + C, :P + C], causal[:P + C, :P + C])  # prompt and chosen: plain causal
+        assert not m[P + C:P + C + R, P:P + C].any()  # rejected never sees chosen ...
+        assert m[P + C:P + C + R, :P].all()  # ... sees the whole prompt ...
+        assert torch.equal(m[P + C:P + C + R, P + C:P + C + R], causal[:R, :R])  # ... and itself, causally
+        assert not m[:P + C + R, P + C + R:].any()  # no token sees padding
+        labels = b["labels"][i]
+        assert labels[0, P] == c[0] and labels[1, P] == r[0]  # both predicted by position P - 1
+        assert labels[0, P:P + C].tolist() == c and labels[1, P + C + 1:P + C + R].tolist() == r[1:]
+        assert (labels[0] != training.IGNORE).sum() == C and (labels[1] != training.IGNORE).sum() == R
+
+
+def test_no_prefix_sharing_trains_the_same_model(inputs):
+    tmp, args = inputs
+    daa.main([*args, "--no-prefix-sharing", "--out", str(tmp / "two-rows")])
+    # float32 sums in another order (the float64 test above is the exact one). Step 1 starts from the same
+    # weights; after it, RMSprop's g/√v turns the rounding of near-zero gradients into whole steps (lr 1e-3).
+    logged, reference = ([r for r in map(json.loads, (tmp / run / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r] for run in ("two-rows", "reference"))
+    assert (logged[0]["loss"], logged[0]["grad_norm"]) == pytest.approx((reference[0]["loss"], reference[0]["grad_norm"]), rel=1e-5)
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in reference], rel=1e-3)
+    a, b, init = weights(tmp / "two-rows"), weights(tmp / "reference"), load_file(tmp / "sft" / "latest" / "model.safetensors")
+    assert max_diff(a, b) <= 0.05 * max_diff(b, init)
+    ev = json.loads((tmp / "two-rows" / "latest" / "eval.json").read_text())
+    ref = json.loads((tmp / "reference" / "latest" / "eval.json").read_text())
+    assert ev.keys() == ref.keys() and all(ev[k] == pytest.approx(ref[k], rel=1e-3, abs=1e-5) for k in ev)
+
+
+def test_optimizer_state_only_in_the_newest_checkpoint(inputs):
+    tmp, _ = inputs
+    run = tmp / "reference"
+    assert [p.parent.name for p in sorted(run.glob("ckpt-*/optimizer.safetensors"))] == ["ckpt-12"]
+    assert Path(run / "latest").resolve().name == "ckpt-12"
+    assert all((run / f"ckpt-{n}" / "model.safetensors").is_file() for n in (4, 8, 12))
+
+
+def test_activation_checkpointing_trains_the_same_model(inputs):
+    tmp, args = inputs
+    daa.main([*args, "--activation-checkpointing", "--out", str(tmp / "checkpointed")])
+    assert max_diff(weights(tmp / "checkpointed"), weights(tmp / "reference")) <= 1e-6
+
+
+FSDP_CHECK = """
+import sys
+import torch
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+import daa, training
+from types import SimpleNamespace
+from model import Config, GPTNeoX
+env = training.setup(SimpleNamespace(device="cpu", fsdp=True, dtype="bfloat16", seed=0))
+torch.manual_seed(0)
+ref = training.freeze(GPTNeoX(Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)))
+ref = training.wrap(ref, env, fsdp=True)
+gathered = []
+ref.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_pre_hook(lambda m, a: gathered.append(m.weight.dtype))
+pair = (([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 3, 7], [-100, -100, -100, 7]))
+batch = daa.pack_pairs([pair, pair], pad_id=0)
+chosen, rejected = daa.ref_logps(ref, batch, env)
+assert gathered == [torch.bfloat16], gathered  # FSDP gathers bf16 weights under a bf16 run
+assert chosen.dtype == torch.float32 and torch.isfinite(chosen).all()
+for name, p in ref.named_parameters():  # the root's weights too: resharded after the reference's forward
+    assert isinstance(p, DTensor) and p.to_local().numel() < p.numel(), name
+print("fsdp ok")
+"""
+
+
+def test_fsdp_gathers_bf16_weights_and_reshards_the_reference(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(FSDP_CHECK)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(ROOT)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and r.stdout.count("fsdp ok") == 2, r.stdout + r.stderr
+
+
+def test_precomputed_reference_is_freed_before_training(inputs, monkeypatch):
+    """--precompute-ref: once the table is built nothing holds the reference model (under --fsdp it is
+    never wrapped, as an FSDP module that has run a forward outlives `del`)."""
+    import gc
+    import weakref
+    tmp, args = inputs
+    models, alive = [], []
+    real_load, real_step = training.load_model, training.train_step
+    monkeypatch.setattr(training, "load_model", lambda *a: models.append(weakref.ref(m := real_load(*a))) or m)
+    monkeypatch.setattr(training, "train_step", lambda *a: (gc.collect(), alive.append(sum(r() is not None for r in models)))
+                        and real_step(*a))
+    daa.main([*args, "--precompute-ref", "--out", str(tmp / "freed")])
+    assert len(models) == 2 and alive == [1, 1, 1]  # the policy only

@@ -115,3 +115,34 @@ def test_sequence_logps_equals_full_logits():
     assert ours[2] == 0 and ours[0] < 0
     for a, b in zip(grads, torch.autograd.grad(ref.sum(), list(model.parameters()))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fp32_under_autocast_by_design():
+    """Under a bf16 autocast the kernel's values and gradients are exactly those without autocast."""
+    hidden, weight, targets = inputs(37, 24, 53, masked=[3])
+    grad = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    plain = token_logprobs(hidden, weight, targets, 8)
+    plain_grads = torch.autograd.grad(plain, (hidden, weight), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = token_logprobs(hidden, weight, targets, 8)
+        auto_grads = torch.autograd.grad(auto, (hidden, weight), grad)
+    assert auto.dtype == torch.float32 and torch.equal(auto, plain)
+    assert all(torch.equal(a, b) for a, b in zip(auto_grads, plain_grads))
+
+
+def test_sequence_logps_of_several_responses_per_row():
+    """Labels [B, K, T]: response k's targets at labels[:, k, t + 1] for position t, one position may serve two."""
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, initializer_range=0.2))
+    ids = torch.randint(1, 97, (2, 9))
+    labels = torch.full((2, 2, 9), -100)
+    labels[:, 0, 4:6] = ids[:, 4:6]
+    labels[:, 1, 4] = 7  # also predicted by position 3
+    labels[:, 1, 7:] = ids[:, 7:]
+    ours = sequence_logps(model, ids, labels)
+    assert ours.shape == (2, 2)
+    logp = model(ids)[:, :-1].log_softmax(-1)
+    want = torch.stack([logp[:, 3:5].gather(2, ids[:, 4:6, None]).sum((1, 2)),
+                        logp[:, 3, 7] + logp[:, 6:8].gather(2, ids[:, 7:, None]).sum((1, 2))], 1)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)

@@ -269,3 +269,85 @@ def test_sample_token_frequencies(kw, want):
     freq = torch.bincount(draws, minlength=5) / n
     torch.testing.assert_close(freq, torch.tensor(want), atol=0.01, rtol=0)  # ~4 standard errors
     assert (freq[torch.tensor(want) == 0] == 0).all()  # filtered tokens are never drawn
+
+
+def record_sdpa(monkeypatch):
+    """Capture the mask (and q's dtype) that every attention call receives."""
+    import model as model_module
+    calls, real = [], model_module.F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False):
+        calls.append((attn_mask, is_causal, q.dtype))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", sdpa)
+    return calls
+
+
+def test_right_padding_takes_plain_causal_attention(monkeypatch):
+    """Right padding: no mask at all (SDPA's fast kernel), and the tokens' logits are those of each row alone."""
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(**TINY)).eval()
+    ids = torch.randint(0, 128, (3, 10))
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 2 + [0] * 8])
+    calls = record_sdpa(monkeypatch)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        assert all(m is None and causal for m, causal, _ in calls) and len(calls) == 2
+        for i, n in enumerate(mask.sum(1).tolist()):
+            torch.testing.assert_close(out[i, :n], model(ids[i:i + 1, :n])[0], atol=1e-5, rtol=0)
+        calls.clear()
+        left = mask.flip(1)
+        model(ids, attention_mask=left)  # left padding still needs its mask, built once for all layers
+        assert calls[0][0] is not None and calls[0][0] is calls[1][0] and calls[0][0].dtype == torch.float32
+
+
+def test_mask_and_rotary_in_the_compute_dtype_under_autocast(monkeypatch):
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(**TINY)).eval()
+    ids, mask = left_padded_batch(128, [7, 4])
+    calls = record_sdpa(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, attention_mask=mask)
+    # the mask in bf16, and q stays bf16 after the rotary embedding (float32 cos/sin would promote it)
+    assert [(m.dtype, q) for m, _, q in calls] == [(torch.bfloat16, torch.bfloat16)] * 2
+
+
+def test_custom_mask_and_position_ids_equal_separate_rows():
+    """[B, T, T] mask + explicit positions: a row [a | b] where b sees only itself and restarts at position 0
+    gives, on b, the logits of b alone."""
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(**CONFIGS["rotary1.0"])).eval()
+    a, b = torch.randint(0, 128, (5,)), torch.randint(0, 128, (4,))
+    part = torch.tensor([0] * 5 + [1] * 4)
+    allowed = (part[:, None] == part[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    pos = torch.cat((torch.arange(5), torch.arange(4)))[None]
+    with torch.no_grad():
+        out = model(torch.cat((a, b))[None], attention_mask=allowed[None], position_ids=pos)
+        torch.testing.assert_close(out[0, 5:], model(b[None])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[0, :5], model(a[None])[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.cat((a, b))[None], attention_mask=allowed[None], kv_cache=KVCache(model.config, 1, 20))
+
+
+@pytest.mark.parametrize("name", ["rotary0.25-head80", "sequential"])
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(**CONFIGS[name])).double()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        model(ids).log_softmax(-1)[..., 3].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    # what autograd keeps from the forward: with checkpointing, a block's intermediates are not among it
+    saved = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        numel = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: numel.append(t.numel()) or t, lambda t: t):
+            model(ids).sum()
+        saved.append(sum(numel))
+    assert saved[1] < 0.5 * saved[0]

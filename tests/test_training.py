@@ -206,7 +206,9 @@ def test_ddp_and_fsdp_equal_one_process_with_accumulation(tmp_path):
     common = ["--init", str(model_dir), "--data", str(data), *RUN, "--max-examples", "8", "--checkpoints", "1",
               "--eval-examples", "8"]
     procs = {name: torchrun("daa.py", [*common, "--out", str(tmp_path / name), *flags])
-             for name, flags in [("ddp", []), ("fsdp", ["--fsdp"])]}
+             for name, flags in [("ddp", []), ("fsdp", ["--fsdp"]),
+                                 ("ddp-checkpointing", ["--activation-checkpointing"]),
+                                 ("fsdp-checkpointing", ["--fsdp", "--activation-checkpointing", "--precompute-ref"])]}
     daa.main([*common, "--out", str(tmp_path / "one")])
     for name, p in procs.items():
         out = p.communicate(timeout=300)[0]
