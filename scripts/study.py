@@ -100,6 +100,8 @@ def tiny(args):
     for mode in ("quick", "scaling"):
         if getattr(args, mode):
             cfg.update(TINY[mode])
+    if args.losses:  # a loss without a grid of its own (a new one, docs/new_loss.md) takes DPO's
+        cfg["betas"] = {loss: cfg["betas"].get(loss, cfg["betas"]["dpo"]) for loss in args.losses}
     out, data = args.out, args.out / "data"
     common = ["--data", data, "--batch-size", cfg["batch_size"], "--micro-batch-size", cfg["batch_size"],
               "--log-interval", 100]
@@ -157,7 +159,7 @@ def runs(models, betas, arms):
         for loss, grid in betas.items():
             out += [(model, f"{loss}-{b:g}", ["--loss", loss, "--beta", f"{b:g}"]) for b in grid]
         for arm in arms:
-            if model in arm["models"]:
+            if model in arm["models"] and arm["loss"] in betas:
                 out += [(model, f"{arm['loss']}-{b:g}-{arm['suffix']}", ["--loss", arm["loss"], "--beta", f"{b:g}",
                                                                        *arm["flags"]]) for b in betas[arm["loss"]]]
     return out
@@ -465,6 +467,8 @@ def get_parser():
                    "the RPO (--nll-alpha) DPO arms at the middle size")
     t.add_argument("--labeller", default=None, help="data/tiny/prepare.py --labeller NAME")
     t.add_argument("--no-byte-fallback", action="store_true", help="data/tiny/prepare.py --no-byte-fallback")
+    t.add_argument("--losses", type=lambda s: s.split(","), default=None, help="comma-separated daa.py losses "
+                   "to run (default: dpo, ipo and slic); one with no β grid in TINY gets DPO's")
     t.add_argument("--jobs", type=int, default=2, help="processes side by side, one thread each (default %(default)s)")
     g = sub.add_parser("paper", parents=[common], help="the paper on a GPU node (scripts/paper_study.sh)")
     g.add_argument("--sizes", type=lambda s: s.split(","), default=PAPER["sizes"],

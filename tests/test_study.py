@@ -90,6 +90,13 @@ def test_tiny_scaling_plan_with_seeds(tmp_path, capsys):
     assert len(daa) == 2 * (3 * 3 + 2)
 
 
+def test_tiny_losses_picks_the_losses_and_gives_a_new_one_dpos_grid(tmp_path, capsys):
+    daa = script_runs(commands(plan(capsys, "tiny", tmp_path / "t", "--losses", "dpo,mine")), "daa.py")
+    grid = lambda loss: sorted(float(flag(c, "--beta")) for c in daa if flag(c, "--loss") == loss)
+    assert {flag(c, "--loss") for c in daa} == {"dpo", "mine"}
+    assert grid("mine") == grid("dpo") == driver.TINY["betas"]["dpo"]
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "tiny"
