@@ -19,8 +19,7 @@ those steps minus the RSS before them: what the step needs on top of weights, gr
 activations and temporaries, which the variants change. MALLOC_MMAP_THRESHOLD_=131072 makes glibc return freed large buffers to the OS, so
 RSS follows live memory instead of the allocator's high-water mark.
 
-    python bench/train.py                # the four variants once: about 4 minutes on a loaded 2-core box
-    python bench/train.py --repeats 2    # interleaved twice, best of each (the table in docs/training.md)
+    python bench/train.py     # 2 minutes on a quiet 2-core machine, 8 on a loaded one (docs/training.md's table)
     python bench/train.py --model pythia-410m --variants shared shared+ckpt     # memory per size
 """
 import argparse
@@ -126,7 +125,7 @@ def main():
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (one micro-batch)")
     p.add_argument("--max-length", type=int, default=512, help="daa.py's truncation (App. B)")
     p.add_argument("--steps", type=int, default=1, help="timed steps per variant")
-    p.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; best time kept")
+    p.add_argument("--repeats", type=int, default=2, help="alternate the variants this many times; best time kept")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which to run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
