@@ -5,12 +5,20 @@ All three minimise  E_(x, y_w, y_l) [ g(h) ]  over preference pairs, where
     h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))
 
 is the difference of implicit rewards (over β) and sequence log-probs are sums
-over response tokens. Only the convex function g differs:
+over response tokens (per-token means with --average-logps). Only the convex
+function g differs:
 
     loss   g                       source
     dpo    −log σ(βh)              Rafailov et al. 2023
     slic   max(0, 1 − βh)          Zhao et al. 2023 (hinge, calibration term only)
-    ipo    (h − 1/(2β))²           Azar et al. 2023
+    ipo    (h − 1/(2β))²           Azar et al. 2023, as the DPO reference code writes it
+
+β is comparable only within one convention. IPO here has its minimum at
+h* = 1/(2β); Eq. 4 read literally, g(βh) = (βh − 1)², puts it at h* = 1/β (so
+its β = 0.2 has the minimiser of our β = 0.1); TRL's "ipo" also averages
+log-probs over tokens, which --average-logps reproduces. --nll-alpha A adds
+A × the per-token negative log-likelihood of the chosen response to any of the
+three (RPO, Pang et al. 2024).
 """
 import argparse
 import sys
@@ -25,36 +33,36 @@ import training
 from download import DownloadError
 from tokenizer import load_tokenizer
 
-LOSSES = ("dpo", "ipo", "slic")
+# g of Eq. 4, written on the margin βh (IPO also needs β). A new loss is one more entry here:
+# `daa.py --loss NAME` and the miniature (docs/new_loss.md) pick it up.
+G = {
+    "dpo": lambda margin, beta: -F.logsigmoid(margin),  # Rafailov et al. 2023
+    # (h − 1/(2β))² written through the margin: (βh − 1/2)² / β², the DPO reference code's IPO,
+    # minimised at h* = 1/(2β). Eq. 4 read literally, (βh − 1)², is minimised at h* = 1/β: a β
+    # there is twice a β here. TRL's "ipo" is this form on per-token mean log-probs (--average-logps).
+    "ipo": lambda margin, beta: (margin - 0.5) ** 2 / beta ** 2,  # Azar et al. 2023
+    "slic": lambda margin, beta: torch.relu(1 - margin),  # Zhao et al. 2023, the hinge (calibration term only)
+}
+LOSSES = tuple(G)
 
 
 def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
              beta, loss, length_alpha=0.0, chosen_lengths=None, rejected_lengths=None):
     """Per-example DAA loss (Eq. 4) and the implicit rewards β·log(π/π_ref) of both responses.
 
-    `length_alpha` > 0 adds Park et al.'s length regulariser (used in the paper's
-    Fig. 3): the margin βh becomes βh − α(|y_w| − |y_l|), so a longer chosen
-    response has to earn its extra length.
+    `length_alpha` > 0 is Park et al.'s length regulariser (the paper's Fig. 3 left): the RLHF
+    objective of Eq. 3 with a length penalty, r(x, y) − α|y|, has the implicit reward
+    β log π/π_ref + α|y|, so the margin becomes βh + α(|y_w| − |y_l|). A pair whose chosen
+    response is longer is then partly explained by length, and the policy learns less of it.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     margin = beta * (chosen_logratios - rejected_logratios)  # βh
     if length_alpha:
-        margin = margin - length_alpha * (chosen_lengths - rejected_lengths)
-    if loss == "dpo":
-        losses = -F.logsigmoid(margin)
-    elif loss == "slic":
-        losses = torch.relu(1 - margin)
-    elif loss == "ipo":
-        # (h − 1/(2β))² written through the margin: (βh − 1/2)² / β². This is the
-        # DPO reference code's IPO on summed log-probs. It is Eq. 4's form only up
-        # to how β enters (the paper's Eq. 4 places β inside g); the minimiser is the
-        # same, h* = 1/(2β). TRL's "ipo" averages log-probs over tokens instead of
-        # summing them, which changes h by a per-sequence length factor and hence
-        # which β values are comparable across the two codebases.
-        losses = (margin - 0.5) ** 2 / beta ** 2
-    else:
+        margin = margin + length_alpha * (chosen_lengths - rejected_lengths)
+    if loss not in G:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    losses = G[loss](margin, beta)
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
@@ -66,7 +74,7 @@ def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 #   torchrun --nproc_per_node 8 daa.py --init out/sft-1b --loss ipo --beta 0.1 ... --out out/ipo-1b-0.1
 
 EVAL_KEYS = {  # eval.json / metrics.jsonl name -> per-pair statistic; fit.py reads these (Fig. 4, Fig. 5)
-    "eval/loss": "loss", "eval/accuracy": "rewards/accuracy", "eval/margin": "rewards/margin",
+    "eval/loss": "loss", "eval/nll": "loss/nll", "eval/accuracy": "rewards/accuracy", "eval/margin": "rewards/margin",
     "eval/logratio_chosen": "logratios/chosen", "eval/logratio_rejected": "logratios/rejected",
     "eval/rewards_chosen": "rewards/chosen", "eval/rewards_rejected": "rewards/rejected",
     "eval/logps_chosen": "logps/chosen", "eval/logps_rejected": "logps/rejected",
@@ -84,14 +92,19 @@ def get_parser():
     p.add_argument("--beta", type=float, default=0.1, help="β of Eq. 4, the strength of the KL constraint; the "
                    "paper sweeps it (default: %(default)s)")
     p.add_argument("--length-alpha", type=float, default=0.0, help="α of Park et al.'s length regulariser, margin "
-                   "βh − α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0, the default, turns it off")
+                   "βh + α(|y_w| − |y_l|) in tokens (the paper's Fig. 3); 0, the default, turns it off")
+    p.add_argument("--average-logps", action="store_true", help="score every loss on per-token mean log-probs "
+                   "instead of sums (TRL's IPO and SimPO's convention), so that their β means the same here")
+    p.add_argument("--nll-alpha", type=float, default=0.0, help="add A × the per-token negative log-likelihood of "
+                   "the chosen response to the loss (RPO's SFT term, any --loss); logged as loss/nll; 0, the "
+                   "default, turns it off")
     p.add_argument("--precompute-ref", action="store_true", help="one pass computes the reference log-probs of "
                    "every pair, then the reference model is freed (saves its memory during training)")
     p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", help="score each pair as "
                    "two rows [prompt | chosen], [prompt | rejected] instead of one [prompt | chosen | rejected]")
-    p.add_argument("--eval-examples", type=int, default=1000, help="pairs of pref_eval.jsonl scored at every "
+    p.add_argument("--eval-examples", type=int, default=256, help="pairs of pref_eval.jsonl scored at every "
                    "checkpoint (loss, reward accuracy, margin, log-ratios; eval.json); 0 skips evaluation "
-                   "(default: %(default)s)")
+                   "(default: %(default)s, App. B: 256 held-out prompts for all evaluations)")
     training.add_args(p, checkpoints=4)
     return p
 
@@ -164,10 +177,18 @@ def make_loss_fn(args, reference):
     def loss_fn(model, batch):
         chosen, rejected = pair_logps(model, batch)
         ref_chosen, ref_rejected = reference(batch)
+        n_chosen, n_rejected = batch["chosen_tokens"], batch["rejected_tokens"]
+        nll = -chosen / n_chosen  # per-token NLL of the chosen response (RPO's SFT term)
+        # --average-logps: the loss (and its implicit rewards) on per-token means, policy and reference
+        # alike (TRL's IPO, SimPO); the logged log-probs and log-ratios stay sums (Eq. 7 reads them).
+        c, r = (n_chosen, n_rejected) if args.average_logps else (1, 1)
         losses, chosen_rewards, rejected_rewards = daa_loss(
-            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss,
-            args.length_alpha, batch["chosen_tokens"], batch["rejected_tokens"])
-        stats = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            chosen / c, rejected / r, ref_chosen / c, ref_rejected / r, args.beta, args.loss,
+            args.length_alpha, n_chosen, n_rejected)
+        if args.nll_alpha:
+            losses = losses + args.nll_alpha * nll
+        stats = {"loss": losses.detach(), "loss/nll": nll.detach(),
+                 "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                  "rewards/accuracy": (chosen_rewards > rejected_rewards).float(),
                  "rewards/margin": chosen_rewards - rejected_rewards,
                  "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),

@@ -4,11 +4,20 @@ One function does the work: stream to `<dest>.part`, resume it with an HTTP
 Range request after a dropped connection, retry with exponential backoff,
 verify size and sha256 when known, then rename atomically. A finished file in
 the cache is never fetched again. With no network (or NANODAA_OFFLINE=1) the
-error names the file and the place to put it by hand.
+error names the file and the place to put it by hand. Processes fetching one
+file at once (torchrun ranks, two jobs sharing a cache) take turns under an OS
+file lock: one downloads, the others wait and then find the verified file.
+
+This module is also the one home of the OS lock (fcntl.flock) that keeps one
+writer per run directory or output file (sft.py, daa.py, sample.py, judge.py):
+the OS drops it when its process dies, so a killed run leaves no stale lock.
 """
+import atexit
+import fcntl
 import hashlib
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -22,6 +31,69 @@ class DownloadError(RuntimeError):
 
 class NotFound(DownloadError):
     """The server answered 404: the file does not exist there (not a network failure)."""
+
+
+class Busy(ValueError):
+    """Another process holds the lock on an output; the message is one line meant for the user."""
+
+
+_held = {}  # path -> fd: the locks this process holds (hold / release)
+
+
+def _lock(path, wait):
+    """An fd of `path` (a directory, or a lock file, created if missing) under an exclusive flock;
+    None when another process holds it and not `wait`."""
+    while True:
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the lock file while we waited: lock the new one
+
+
+def _unlock(path, fd):
+    if not path.is_dir():
+        path.unlink(missing_ok=True)  # while still held: a process waiting on it sees it gone and retries
+    os.close(fd)
+
+
+@contextmanager
+def locked(path):
+    """Wait for, then hold, an exclusive lock on the lock file `path` while the block runs."""
+    path = Path(path)
+    fd = _lock(path, wait=True)
+    try:
+        yield
+    finally:
+        _unlock(path, fd)
+
+
+def hold(path, what):
+    """Lock `path` (a run directory, or an output's lock file) until release(path) or exit; refuse at
+    once, with one line naming `what`, when another process holds it. Re-entrant within a process."""
+    path = Path(path).resolve()
+    if path in _held:
+        return
+    fd = _lock(path, wait=False)
+    if fd is None:
+        raise Busy(f"{what} is being written by another process (it holds the lock on {path}): let it finish, "
+                   "or choose another output")
+    if not _held:
+        atexit.register(lambda: [release(p) for p in list(_held)])
+    _held[path] = fd
+
+
+def release(path):
+    path = Path(path).resolve()
+    if path in _held:
+        _unlock(path, _held.pop(path))
 
 
 def cache_dir():
@@ -48,6 +120,16 @@ def download(url, dest, size=None, sha256=None, headers=None, retries=5, timeout
     if offline():
         raise DownloadError(f"{dest.name} is not cached and NANODAA_OFFLINE is set: download {url} to {dest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with locked(dest.with_name(dest.name + ".lock")):  # one downloader per file; the others wait here
+        if not dest.exists():  # else another process fetched and verified it while we waited
+            _fetch(url, dest, size, sha256, headers, retries, timeout, backoff)
+    if size is not None and dest.stat().st_size != size:
+        raise DownloadError(f"{dest} has {dest.stat().st_size} bytes, expected {size}: delete it and run again")
+    return dest
+
+
+def _fetch(url, dest, size, sha256, headers, retries, timeout, backoff):
+    """Download `url` to `dest` through `<dest>.part` (resumed if present), verified, renamed into place."""
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
         try:
@@ -60,14 +142,14 @@ def download(url, dest, size=None, sha256=None, headers=None, retries=5, timeout
                 raise DownloadError(f"cannot download {url} ({type(e).__name__}: {e}); "
                                     f"download it by hand to {dest}") from None
             time.sleep(backoff * 2 ** attempt)
-    if size is not None and part.stat().st_size != size:
+    got = part.stat().st_size
+    if size is not None and got != size:
         part.unlink()
-        raise DownloadError(f"{url}: got {part.stat().st_size} bytes, expected {size}; run again to re-download")
+        raise DownloadError(f"{url}: got {got} bytes, expected {size}; run again to re-download")
     if sha256 is not None and sha256_of(part) != sha256:
         part.unlink()
         raise DownloadError(f"{url}: sha256 mismatch; run again to re-download")
     os.replace(part, dest)
-    return dest
 
 
 def _stream(url, part, headers, timeout):

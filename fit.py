@@ -9,9 +9,15 @@ results-file format) to --out, and prints the RMSE table of the three fits.
 A results file (CSV or JSONL) has one row per (model, loss, beta, fraction of
 the epoch): `model, loss, beta, fraction, win_rate, kl` are required;
 `win_rate_se, forward_kl, eval_accuracy, eval_loss, length, length_gamma,
-length_r2` are optional (an empty cell or null is missing). A row whose loss is
-"sft" or whose fraction is 0 is the SFT policy of its model: d = 0, where every
-loss's curve starts.
+length_r2, seed, params, length_alpha, nll_alpha` are optional (an empty cell
+or null is missing), and any other numeric column is carried through. A row
+whose loss is "sft" or whose fraction is 0 is the SFT policy of its model:
+d = 0, where every loss's curve starts.
+
+A series (an "arm") is a loss, with its regularisers when they are on:
+daa.py --length-alpha 0.01 gives "dpo+len0.01", --nll-alpha 1 "dpo+nll1"
+(RPO). Fits and figure panels are per arm and model size; seeds of one arm
+pool into one fit.
 
 The law, Eq. 5 (Gao et al. 2022): R(d) = d(α − β log d), d = √KL(π‖π_ref).
 Gao et al.'s R is the gold-reward gain over the initial policy, so R(0) = 0,
@@ -21,7 +27,12 @@ an SFT row for that model (then only α and β are fitted), a fitted intercept
 otherwise. The paper's baselines pass through the same y0:
     quadratic in KL:  y0 + a·KL + b·KL²        quadratic in d:  y0 + a·d + b·d²
 All three are linear in their coefficients and solved by least squares,
-unweighted, one fit per (loss, model size).
+unweighted, one fit per (arm, model size).
+
+Eq. 6 regresses each checkpoint's log π(y|x)/π_ref(y|x) on the sample length
+|y| through the origin, with the uncentred R² that goes with it (1 − SSR/Σz²);
+--length-intercept fits γ|y| + c with the centred R² instead. fits.json
+("length_regression") and Fig. 3 say which.
 """
 import argparse
 import csv
@@ -39,7 +50,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 REQUIRED = ("model", "loss", "beta", "fraction", "win_rate", "kl")
-OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length", "length_gamma", "length_r2")
+OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length", "length_gamma", "length_r2",
+            "seed", "params", "length_alpha", "nll_alpha")
 TEXT = ("model", "loss")
 NAN = float("nan")
 
@@ -106,13 +118,16 @@ def rmse(y, pred):
     return float(np.sqrt(np.mean((np.asarray(y) - np.asarray(pred)) ** 2)))
 
 
-def length_regression(lengths, logratios):
-    """Eq. 6: least squares log π(y|x)/π_ref(y|x) = γ·|y| + c over one checkpoint's samples.
+def length_regression(lengths, logratios, intercept=False):
+    """Eq. 6: least squares log π(y|x)/π_ref(y|x) = γ·|y| over one checkpoint's samples.
 
-    Returns (γ, R²): how much of the implicit reward's variance length alone
-    explains. Degenerate but legal inputs give NaN rather than an error: all
-    lengths equal (every sample hit the length cap) gives (NaN, NaN); constant
-    log-ratios (the SFT policy itself, where they are all 0) give (0, NaN).
+    Returns (γ, R²). Eq. 6 has no intercept, so by default the line goes through
+    the origin and R² is uncentred, 1 − SSR/Σz²: the share of the log-ratios'
+    second moment that length alone explains. `intercept` fits γ·|y| + c with
+    the centred R² (the share of their variance). Degenerate but legal inputs
+    give NaN rather than an error: with an intercept, all lengths equal (every
+    sample hit the length cap) gives (NaN, NaN); log-ratios all 0 (the SFT
+    policy itself), or constant ones with an intercept, give (0, NaN).
     """
     x, z = np.asarray(lengths, dtype=float), np.asarray(logratios, dtype=float)
     if x.ndim != 1 or x.shape != z.shape:
@@ -121,7 +136,7 @@ def length_regression(lengths, logratios):
         raise ValueError(f"need at least 3 samples for the length regression, got {len(x)}")
     if not (np.isfinite(x).all() and np.isfinite(z).all()):
         raise ValueError("lengths and log-ratios must be finite")
-    xc, zc = x - x.mean(), z - z.mean()
+    xc, zc = (x - x.mean(), z - z.mean()) if intercept else (x, z)
     sxx, szz = float(xc @ xc), float(zc @ zc)
     if sxx == 0:
         return NAN, NAN
@@ -167,6 +182,12 @@ def to_row(raw, where):
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
     row = {k: str(raw[k]) if k in TEXT else _number(raw.get(k), where, k) for k in REQUIRED + OPTIONAL}
+    for k, v in raw.items():  # any other numeric statistic is carried through (text columns are not)
+        if k not in row and k is not None:
+            try:
+                row[k] = _number(v, where, k)
+            except ValueError:
+                pass
     if not math.isfinite(row["fraction"]):
         raise ValueError(f"{where}: fraction is empty; it is the fraction of the epoch (0 for SFT)")
     if not (is_sft(row) or math.isfinite(row["beta"])):
@@ -206,6 +227,23 @@ def _json(path):
         raise ValueError(f"{path}: not JSON ({e.msg})") from None
 
 
+def n_params(config):
+    """Parameter count of the GPT-NeoX that a config.json describes (model.py's layout: untied
+    embed_in and embed_out, biases everywhere but embed_out), computed without building it."""
+    V, D, I, L = (int(config[k]) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"))
+    per_layer = 4 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * I + I) + (I * D + D)  # 2 norms, qkv, dense, MLP
+    return 2 * V * D + L * per_layer + 2 * D
+
+
+def arm(row):
+    """The series a row belongs to: its loss, with the regularisers that are on (daa.py's flags)."""
+    name = row["loss"]
+    for key, tag in (("length_alpha", "len"), ("nll_alpha", "nll")):
+        if row.get(key, 0) > 0:
+            name += f"+{tag}{row[key]:g}"
+    return name
+
+
 def _model_name(args):
     """sft.py's --model (its last path component: EleutherAI/pythia-1b -> pythia-1b); for daa.py,
     the --model of the SFT run that its --init points into."""
@@ -218,12 +256,14 @@ def _model_name(args):
     return str(args.get("init", "model"))
 
 
-def read_run(run):
+def read_run(run, length_intercept=False):
     """Rows, one per sampled checkpoint, of a run directory written by daa.py, sample.py and judge.py.
 
     The one place that knows the run-directory layout (DESIGN.md, "Files on
     disk"): if file or key names change, adapt them here. A run without a loss
-    (sft.py's) gives SFT rows: fraction 0, the start of every DAA curve.
+    (sft.py's) gives SFT rows: fraction 0, the start of every DAA curve. Every
+    numeric statistic of samples-<ckpt>.summary.json rides along (the run's own
+    seed, loss and length win over the sampler's).
     """
     run = Path(run)
     args = _json(run / "args.json")
@@ -244,12 +284,16 @@ def read_run(run):
             wins = np.array([j["win"] for _, j in _jsonl(judgments)] if judgments.exists() else [], dtype=float)
         except KeyError as e:
             raise ValueError(f"{run}/{tag}: a sample or judgment has no key {e}") from None
-        gamma, r2 = length_regression(lengths, logratios) if len(samples) >= 3 else (NAN, NAN)
-        rows.append(to_row({
-            "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction,
+        gamma, r2 = length_regression(lengths, logratios, length_intercept) if len(samples) >= 3 else (NAN, NAN)
+        summary, config = _json(run / f"samples-{tag}.summary.json"), _json(run / tag / "config.json")
+        stats = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        rows.append(to_row({**stats,
+            "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction, "seed": args.get("seed"),
+            "params": n_params(config) if config else None,
+            "length_alpha": args.get("length_alpha", 0.0), "nll_alpha": args.get("nll_alpha", 0.0),
             "win_rate": wins.mean() if len(wins) else None,  # as judge.py's summary
             "win_rate_se": wins.std(ddof=1) / math.sqrt(len(wins)) if len(wins) > 1 else None,
-            "kl": _json(run / f"samples-{tag}.summary.json").get("kl", np.mean(logratios) if samples else None),
+            "kl": summary.get("kl", np.mean(logratios) if samples else None),
             "forward_kl": -ev["eval/logratio_chosen"] if "eval/logratio_chosen" in ev else None,  # Eq. 7
             "eval_accuracy": ev.get("eval/accuracy"), "eval_loss": ev.get("eval/loss"),
             "length": np.mean(lengths) if samples else None, "length_gamma": gamma, "length_r2": r2,
@@ -257,12 +301,12 @@ def read_run(run):
     return sorted(rows, key=lambda r: r["fraction"])
 
 
-def load(inputs):
+def load(inputs, length_intercept=False):
     rows = []
     for name in inputs:
         p = Path(name)
         if p.is_dir() and (p / "args.json").exists():
-            rows += read_run(p)
+            rows += read_run(p, length_intercept)
         elif p.is_file() and p.suffix in (".csv", ".jsonl"):
             rows += read_results(p)
         else:
@@ -272,15 +316,21 @@ def load(inputs):
     return rows
 
 
+def _cell(v):
+    """A number as a CSV cell: empty when missing, whole numbers (a parameter count) in full."""
+    return "" if math.isnan(v) else str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.6g}"
+
+
 def write_results(path, rows):
     """The results file (CSV) of `rows`, written atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL)
+        extra = sorted({k for r in rows for k in r} - set(REQUIRED + OPTIONAL))
+        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL + tuple(extra))
         w.writeheader()
         for r in rows:
-            w.writerow({k: r[k] if k in TEXT else ("" if math.isnan(r[k]) else f"{r[k]:.6g}") for k in w.fieldnames})
+            w.writerow({k: r[k] if k in TEXT else _cell(r.get(k, NAN)) for k in w.fieldnames})
     os.replace(tmp, path)
 
 
@@ -303,13 +353,27 @@ def model_key(name):
     return (float(m.group(1)) * (1e6 if m.group(2) == "m" else 1e9) if m else math.inf, name)
 
 
+def model_order(rows):
+    """Model names, smallest first: by parameter count where the rows carry one (tiny-s < tiny-m < tiny-l),
+    else by the size in the name."""
+    params = {}
+    for r in rows:
+        if math.isfinite(r.get("params", NAN)):
+            params[r["model"]] = r["params"]
+    return sorted({r["model"] for r in rows}, key=lambda m: (params.get(m, math.inf), model_key(m)))
+
+
+def run_key(r):
+    """One training run: model size, arm, β and seed."""
+    return r["model"], arm(r), r["beta"], r.get("seed", NAN) if math.isfinite(r.get("seed", NAN)) else None
+
+
 def final_rows(rows):
-    """The last checkpoint of each (model, loss, beta) run."""
+    """The last checkpoint of each run (model, arm, β, seed)."""
     last = {}
     for r in rows:
-        key = (r["model"], r["loss"], r["beta"])
-        last[key] = max(last.get(key, -math.inf), r["fraction"])
-    return [r for r in rows if r["fraction"] == last[(r["model"], r["loss"], r["beta"])]]
+        last[run_key(r)] = max(last.get(run_key(r), -math.inf), r["fraction"])
+    return [r for r in rows if r["fraction"] == last[run_key(r)]]
 
 
 def sft_win_rates(rows):
@@ -322,10 +386,10 @@ def sft_win_rates(rows):
 
 
 def fit_all(rows, y0s, notes, x="kl"):
-    """Per loss and model size: R(d) and both quadratic fits of win rate on d = √x, with their RMSEs."""
+    """Per arm and model size (seeds pooled): R(d) and both quadratic fits of win rate on d = √x, with RMSEs."""
     fits = {}
-    for loss, model in sorted({(r["loss"], r["model"]) for r in rows}):
-        pts = [r for r in rows if r["loss"] == loss and r["model"] == model]
+    for loss, model in sorted({(arm(r), r["model"]) for r in rows}):
+        pts = [r for r in rows if arm(r) == loss and r["model"] == model]
         d, y = sqrt_kl([r[x] for r in pts]), np.array([r["win_rate"] for r in pts])
         try:
             y0, alpha, beta = fit_curve(d, y, "r_d", y0s.get(model))
@@ -354,13 +418,13 @@ def pooled_rmse(fits):
 
 
 def correlations(rows, key):
-    """Fig. 4: Pearson r of `key` with the win rate, over all checkpoints of a loss and within each size."""
+    """Fig. 4: Pearson r of `key` with the win rate, over all checkpoints of an arm and within each size."""
     out = {}
-    for loss in sorted({r["loss"] for r in rows}):
-        pts = [r for r in rows if r["loss"] == loss]
+    for loss in sorted({arm(r) for r in rows}):
+        pts = [r for r in rows if arm(r) == loss]
         out[loss] = {"overall": pearson([r[key] for r in pts], [r["win_rate"] for r in pts]), "by_model": {
             m: pearson([r[key] for r in pts if r["model"] == m], [r["win_rate"] for r in pts if r["model"] == m])
-            for m in sorted({r["model"] for r in pts}, key=model_key)}}
+            for m in model_order(pts)}}
     return out
 
 
@@ -379,8 +443,9 @@ def rmse_table(rmse_by_subset):
 # figures: one panel per loss, one colour per model size, error bars from the standard errors
 
 
-def _title(loss):
-    return {"dpo": "DPO", "ipo": "IPO", "slic": "SLiC"}.get(loss, loss)
+def _title(name):
+    loss, *regs = name.split("+")
+    return "+".join([{"dpo": "DPO", "ipo": "IPO", "slic": "SLiC"}.get(loss, loss), *regs])
 
 
 def _grid(nrows, losses, dpi):
@@ -434,7 +499,7 @@ def fig1(data, final, fits, y0s, colors, losses, path, dpi):
     fig, axes = _grid(2, losses, dpi)
     for row, (subset, pts) in enumerate((("final", final), ("all", data))):
         for ax, loss in zip(axes[row], losses):
-            _law_panel(ax, [r for r in pts if r["loss"] == loss], fits[subset].get(loss, {}), y0s, "kl", colors)
+            _law_panel(ax, [r for r in pts if arm(r) == loss], fits[subset].get(loss, {}), y0s, "kl", colors)
             ax.set_xlabel("√KL(π‖π_ref)")
         axes[row][0].set_ylabel(f"win rate ({subset} checkpoints)")
     _legend(axes[0][-1], fontsize=7, title="dotted: R(d), ★ SFT", title_fontsize=7)
@@ -442,22 +507,24 @@ def fig1(data, final, fits, y0s, colors, losses, path, dpi):
 
 
 def fig2(data, y0s, colors, losses, path, dpi):
-    """Fig. 2: win rate (top) and KL (bottom) over the epoch, one line per (model size, β), starting at SFT.
+    """Fig. 2: win rate (top) and KL (bottom) over the epoch, one line per run (model size, β, seed), from SFT.
 
     The paper's finding: win rates often peak before the end of the epoch while KL keeps growing.
     """
     fig, axes = _grid(2, losses, dpi)
     cmaps = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]
     for col, loss in enumerate(losses):
-        pts = [r for r in data if r["loss"] == loss]
+        pts = [r for r in data if arm(r) == loss]
         for m, model in enumerate(colors):
             betas = sorted({r["beta"] for r in pts if r["model"] == model})
-            for b, beta in enumerate(betas):
-                run = sorted((r for r in pts if r["model"] == model and r["beta"] == beta), key=lambda r: r["fraction"])
+            runs = sorted({run_key(r) for r in pts if r["model"] == model}, key=lambda k: (k[2], str(k[3])))
+            for k in runs:
+                run = sorted((r for r in pts if run_key(r) == k), key=lambda r: r["fraction"])
+                b = betas.index(k[2])
                 shade = plt.get_cmap(cmaps[m % len(cmaps)])(0.45 + 0.55 * b / max(1, len(betas) - 1))
                 sft = [(0.0, y0s[model], 0.0)] if model in y0s else []  # every run starts at the SFT policy
                 f, w, kl = zip(*(sft + [(r["fraction"], r["win_rate"], r["kl"]) for r in run]))
-                axes[0][col].plot(f, w, "-o", ms=2, lw=1.2, color=shade, label=model if b == len(betas) - 1 else None)
+                axes[0][col].plot(f, w, "-o", ms=2, lw=1.2, color=shade, label=model if k == runs[-1] else None)
                 axes[1][col].plot(f, kl, "-o", ms=2, lw=1.2, color=shade)
         axes[1][col].set_xlabel("fraction of the epoch")
     axes[0][0].set_ylabel("win rate")
@@ -466,16 +533,17 @@ def fig2(data, y0s, colors, losses, path, dpi):
     return _save(fig, path)
 
 
-def fig3(data, colors, losses, path, dpi):
+def fig3(data, colors, losses, path, dpi, length_intercept=False):
     """Fig. 3 (right): R² of the length regression (Eq. 6) vs √KL, per model size."""
     fig, axes = _grid(1, losses, dpi)
     for ax, loss in zip(axes[0], losses):
         for model, color in colors.items():
-            pts = [r for r in data if r["loss"] == loss and r["model"] == model and math.isfinite(r["length_r2"])]
+            pts = [r for r in data if arm(r) == loss and r["model"] == model and math.isfinite(r["length_r2"])]
             ax.plot(sqrt_kl([r["kl"] for r in pts]), [r["length_r2"] for r in pts], "o", ms=4, color=color,
                     label=model)
         ax.set_xlabel("√KL(π‖π_ref)")
     axes[0][0].set_ylabel("R² of log π/π_ref on length (Eq. 6)")
+    fig.suptitle(LENGTH_FIT[length_intercept], fontsize=8)
     _legend(axes[0][-1], fontsize=7)
     return _save(fig, path)
 
@@ -488,7 +556,7 @@ def fig4(data, corr, colors, losses, path, dpi):
         for ax, loss in zip(axes[row], losses):
             c = corr[key][loss]
             for model, color in colors.items():
-                pts = [r for r in data if r["loss"] == loss and r["model"] == model and math.isfinite(r[key])]
+                pts = [r for r in data if arm(r) == loss and r["model"] == model and math.isfinite(r[key])]
                 if pts:
                     _errorbar(ax, [r[key] for r in pts], pts, color, label=f"{model} r={c['by_model'][model]:.2f}")
             ax.set_title(f"{_title(loss)}: r = {c['overall']:.2f}", fontsize=10)
@@ -502,7 +570,7 @@ def fig5(data, fits, y0s, colors, losses, path, dpi):
     """Fig. 5: win rate vs √forward KL (Eq. 7), all checkpoints, R(d) fits dotted."""
     fig, axes = _grid(1, losses, dpi)
     for ax, loss in zip(axes[0], losses):
-        _law_panel(ax, [r for r in data if r["loss"] == loss], fits.get(loss, {}), y0s, "forward_kl", colors)
+        _law_panel(ax, [r for r in data if arm(r) == loss], fits.get(loss, {}), y0s, "forward_kl", colors)
         ax.set_xlabel("√KL(π_ref‖π)  (forward, Eq. 7)")
     axes[0][0].set_ylabel("win rate")
     _legend(axes[0][-1], fontsize=7, title="dotted: R(d), ★ SFT", title_fontsize=7)
@@ -512,8 +580,12 @@ def fig5(data, fits, y0s, colors, losses, path, dpi):
 # -----------------------------------------------------------------------------
 
 
-def analyze(rows, out, dpi=90):
-    """Fits, correlations and figures for `rows`; writes into directory `out`. Returns (fits, notes)."""
+LENGTH_FIT = {False: "Eq. 6 through the origin, uncentred R²", True: "Eq. 6 with an intercept, centred R²"}
+
+
+def analyze(rows, out, dpi=90, length_intercept=False):
+    """Fits, correlations and figures for `rows`; writes into directory `out`. Returns (fits, notes).
+    `length_intercept` names how run directories' length_r2 was fitted (load's flag)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -532,9 +604,10 @@ def analyze(rows, out, dpi=90):
     fits["convention"] = ("win_rate = y0 + R(d), R(d) = d*(alpha - beta*log d), d = sqrt(KL); y0 = SFT win rate "
                           "(measured when y0_measured, else fitted); quadratic_kl = [y0, a, b] of y0 + a*KL + b*KL^2; "
                           "quadratic_d = [y0, a, b] of y0 + a*d + b*d^2")
+    fits["length_regression"] = LENGTH_FIT[length_intercept] + " (rows from results files keep their own length_r2)"
 
-    losses = sorted({r["loss"] for r in data})
-    models = sorted({r["model"] for r in rows if not is_sft(r)}, key=model_key)
+    losses = sorted({arm(r) for r in data})
+    models = model_order([r for r in rows if not is_sft(r)])
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
     figures = []
     if data:
@@ -546,7 +619,8 @@ def analyze(rows, out, dpi=90):
     # Fig. 3 needs no win rate: every sampled checkpoint counts.
     sampled = [r for r in rows if not is_sft(r) and math.isfinite(r["kl"]) and math.isfinite(r["length_r2"])]
     if sampled:
-        figures.append(fig3(sampled, colors, sorted({r["loss"] for r in sampled}), out / "fig3_length_r2.png", dpi))
+        figures.append(fig3(sampled, colors, sorted({arm(r) for r in sampled}), out / "fig3_length_r2.png", dpi,
+                            length_intercept))
     else:
         notes.append("fig3 skipped: no length_r2 in the inputs (it comes from the samples of a run directory)")
     if any(math.isfinite(r["eval_accuracy"]) or math.isfinite(r["eval_loss"]) for r in data):
@@ -584,8 +658,10 @@ def main(argv=None):
                                              "(.csv or .jsonl, one row per model, loss, beta, fraction)")
     p.add_argument("--out", default="out/fit", help="directory for the figures, fits.json and results.csv")
     p.add_argument("--dpi", type=int, default=90, help="resolution of the PNG figures")
+    p.add_argument("--length-intercept", action="store_true", help="fit Eq. 6 as γ|y| + c with a centred R² "
+                   "(default: γ|y| through the origin, as Eq. 6, with an uncentred R²)")
     args = p.parse_args(argv)
-    fits, notes = analyze(load(args.inputs), args.out, args.dpi)
+    fits, notes = analyze(load(args.inputs, args.length_intercept), args.out, args.dpi, args.length_intercept)
     for note in notes:
         print(f"note: {note}")
     print(rmse_table(fits["rmse"]))

@@ -5,7 +5,9 @@ the human reference, with the A/B order flipped at random to cancel the judge's
 position bias. Here the judge is any OpenAI-compatible `/chat/completions`
 endpoint (OpenAI, vLLM, llama.cpp server, Ollama):
 
-    python judge.py out/run/samples-ckpt-100.jsonl --model gpt-4o
+    python judge.py out/run/samples-ckpt-100.jsonl     # gpt-4-turbo-2024-04-09, the paper's judge (App. B)
+    python judge.py ... --model o3-mini --request-json '{"max_tokens": null, "max_completion_tokens": 2048}'
+    python judge.py ... --prompt-file my_prompt.txt --verdict-label Winner   # another protocol
 
 or, for the offline miniature task, its programmatic gold reward:
 
@@ -21,6 +23,7 @@ import json
 import os
 import random
 import re
+import string
 import sys
 import threading
 import time
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+import download
 from download import cache_dir
 
 # Our own wording, in the style of the DPO paper's GPT-4 judge prompts (Rafailov et al., 2023, App. C).
@@ -74,9 +78,9 @@ def redact(text, key):
     return text.replace(key, "***") if key else text
 
 
-def parse_verdict(reply, task):
+def parse_verdict(reply, label):
     """'A', 'B' or None from the judge's reply: the last `<label>: A|B` line wins."""
-    found = re.findall(rf"{VERDICT[task]}\**\s*:\W*(?:summary |response )?([AB])\b", reply, flags=re.IGNORECASE)
+    found = re.findall(rf"{re.escape(label)}\**\s*:\W*(?:summary |response )?([AB])\b", reply, flags=re.IGNORECASE)
     return found[-1].upper() if found else None
 
 
@@ -118,7 +122,7 @@ def chat(url, key, body, max_retries, timeout, backoff, stop):
                 asked = retry_after(r)
                 wait = wait if asked is None else asked
             elif r.status_code not in (408, 409) and r.status_code < 500:
-                raise Fatal(redact(f"HTTP {r.status_code} from {url}: {r.text[:300]} (check --model and --base-url)", key))
+                raise Fatal(redact(f"HTTP {r.status_code} from {url}: {r.text[:300]} ({advice(r, body)})", key))
             error = f"HTTP {r.status_code}"
         except (requests.Timeout, requests.ConnectionError) as e:
             error = type(e).__name__
@@ -129,20 +133,39 @@ def chat(url, key, body, max_retries, timeout, backoff, stop):
         stop.wait(wait)
 
 
+def advice(r, body):
+    """What to try after a 4xx: a 400 that names a request parameter as unsupported (reasoning models
+    reject max_tokens and temperature) is fixed with --request-json."""
+    text = r.text.lower()
+    named = [k for k in body if k not in ("model", "messages") and k in text]
+    if r.status_code == 400 and named and any(w in text for w in ("unsupported", "not supported", "unrecognized",
+                                                                   "unknown", "not allowed", "invalid")):
+        return (f"the server rejects the request parameter {named[0]!r}: drop or rename it with --request-json, "
+                f"e.g. --request-json '{{\"{named[0]}\": null, \"max_completion_tokens\": 1024}}'")
+    return "check --model and --base-url"
+
+
+def request_body(args, content):
+    """The chat-completion request: our defaults, then --request-json merged over them (null drops a field)."""
+    body = {"model": args.model, "messages": [{"role": "user", "content": content}],
+            "temperature": 0, "max_tokens": args.max_tokens}
+    body.update(args.request_json)
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def judge_llm(row, args, url, key, stop):
     """One LLM judgment of the policy's sample against the reference, A/B order flipped at random (App. B)."""
     first = policy_first(args.seed, row["id"])
     a, b = (row["sample"], row["reference"]) if first else (row["reference"], row["sample"])
-    content = PROMPTS[args.task].format(prompt=row["prompt"].strip(), a=a.strip(), b=b.strip())
-    body = {"model": args.model, "messages": [{"role": "user", "content": content}],
-            "temperature": 0, "max_tokens": args.max_tokens}
+    content = args.template.format(prompt=row["prompt"].strip(), a=a.strip(), b=b.strip())
+    body = request_body(args, content)
     try:
         reply, usage = chat(url, key, body, args.max_retries, args.timeout, args.backoff, stop)
     except Fatal:
         stop.set()  # the other threads stop before their next request
         raise
     reply = redact(reply, key)
-    verdict = parse_verdict(reply, args.task)
+    verdict = parse_verdict(reply, args.verdict_label)
     win = 0.5 if verdict is None else float((verdict == "A") == first)
     return {"id": row["id"], "policy_first": first, "verdict": verdict, "win": win, "reply": reply,
             "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
@@ -260,6 +283,30 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def read_template(path):
+    """A judge prompt from a file: a str.format template with exactly the fields {prompt}, {a}, {b}
+    (write a literal brace as {{ or }})."""
+    text = Path(path).read_text()
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"{path}: not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    if fields != {"prompt", "a", "b"}:
+        raise ValueError(f"{path}: the template needs the fields {{prompt}}, {{a}} and {{b}} and no others, "
+                         f"has {', '.join(sorted('{' + f + '}' for f in fields)) or 'none'}")
+    return text
+
+
+def parse_request_json(text):
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text!r}") from None
+    if not isinstance(extra, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return extra
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", help="samples JSONL from sample.py (id, prompt, sample, reference)")
@@ -267,21 +314,36 @@ def main(argv=None):
     p.add_argument("--judge", choices=("llm", "gold"), default="llm", help="an LLM over an OpenAI-compatible API, or the miniature task's gold reward")
     p.add_argument("--task", choices=("tldr", "hh", "tiny"), default="tldr", help="which judge prompt (tldr, hh) or gold reward (tiny)")
     p.add_argument("--base-url", default="https://api.openai.com/v1", help="OpenAI-compatible API root; POSTs {base-url}/chat/completions")
-    p.add_argument("--model", default="gpt-4o", help="judge model name as the server knows it")
+    p.add_argument("--model", default="gpt-4-turbo-2024-04-09", help="judge model name as the server knows it "
+                   "(the default is the paper's judge, App. B)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (local servers need none)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--seed", type=int, default=0, help="seeds the per-item A/B flip")
     p.add_argument("--max-retries", type=int, default=8, help="retries per request on 429, 408, 409, 5xx and timeouts")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds; doubles each retry, with jitter")
-    p.add_argument("--max-tokens", type=int, default=256, help="reply length limit for the judge")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length limit for the judge (the request's max_tokens)")
+    p.add_argument("--prompt-file", default=None, help="judge prompt template with {prompt}, {a} and {b} "
+                   "(default: the built-in one of --task)")
+    p.add_argument("--verdict-label", default=None, help="the reply's line label whose A or B is the verdict, as "
+                   "in 'Preferred: A' (default: the built-in prompt's, Preferred for tldr, More helpful for hh)")
+    p.add_argument("--request-json", type=parse_request_json, default={}, help="JSON object merged into every "
+                   "request body; null drops a field, e.g. '{\"max_tokens\": null, \"max_completion_tokens\": 1024}' "
+                   "for a reasoning model")
     p.add_argument("--gold-spec", default=str(cache_dir() / "data" / "tiny" / "gold.json"), help="the tiny task's gold.json (its important words)")
     args = p.parse_args(argv)
     if (args.judge == "gold") != (args.task == "tiny"):
         p.error("--judge gold goes with --task tiny, and --task tiny with --judge gold")
+    if args.judge == "llm":
+        args.template = read_template(args.prompt_file) if args.prompt_file else PROMPTS[args.task]
+        if args.prompt_file and not args.verdict_label:
+            p.error("--prompt-file needs --verdict-label: the line label whose A or B your prompt asks for")
+        args.verdict_label = args.verdict_label or VERDICT[args.task]
 
     samples = {r["id"]: r for r in read_jsonl(args.samples, ("id", "prompt", "sample", "reference"))}
     out = Path(args.out) if args.out else default_out(args.samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    download.hold(f"{out}.lock", out)  # one writer per judgments file: a second judge.py on it refuses at once
     judged = {r["id"]: r for r in read_judged(out) if r["id"] in samples}
     todo = [r for r in samples.values() if r["id"] not in judged]
     if judged:
@@ -297,7 +359,6 @@ def main(argv=None):
         url, stop = args.base_url.rstrip("/") + "/chat/completions", threading.Event()
         work, threads = (lambda row: judge_llm(row, args, url, key, stop)), args.concurrency
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(out, "a") as f, ThreadPoolExecutor(threads) as pool:
         futures = [pool.submit(work, row) for row in todo]
@@ -324,6 +385,7 @@ def main(argv=None):
     print(f"win rate {s['win_rate']:.3f} ± {s['win_rate_se']:.3f} (n={s['n']}), length-controlled {s['lc_win_rate']:.3f}, "
           f"unparseable {s['unparseable']}, tokens {s['tokens']:,} ({s['prompt_tokens']:,} in, {s['completion_tokens']:,} out)")
     print(f"wrote {out} and {summary_path(out)}")
+    download.release(f"{out}.lock")
     return s
 
 

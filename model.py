@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
@@ -313,7 +314,7 @@ class GPTNeoX(nn.Module):
             model = cls(config)
         state = {}
         for p in paths:  # convert file by file (fp16 on the hub -> dtype) to bound peak memory
-            state.update((k, v.to(device=device, dtype=dtype)) for k, v in load_file(p).items()
+            state.update((k, v.to(device=device, dtype=dtype)) for k, v in _load_weights(p).items()
                          if not k.endswith(IGNORED_KEYS))
         _check_state(model, state, name_or_dir)
         model.load_state_dict(state, strict=True, assign=True)
@@ -335,6 +336,15 @@ class GPTNeoX(nn.Module):
 
 # Buffers that older GPT-NeoX checkpoints carry (causal-mask constants, rotary frequencies); recomputed here.
 IGNORED_KEYS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _load_weights(path):
+    """A safetensors file's tensors; a corrupt or truncated file is one line naming it."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated; "
+                         "delete it and write or download it again") from None
 
 
 def _check_state(model, state, where):

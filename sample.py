@@ -2,7 +2,9 @@
 
 For the same n prompts (picked by --seed alone, so every checkpoint sees the
 same ones) it draws one sample per prompt at temperature 1 up to max length
-512, then scores each sample under the policy and the reference:
+512, prompt + sample as in the DPO code (a prompt that, with its reference
+summary, would not fit is first cut to 256 tokens, keeping its start and its
+last line), then scores each sample under the policy and the reference:
 
     KL(π‖π_ref) ≈ mean over samples of  log π(y|x) − log π_ref(y|x),   y ~ π(·|x)
 
@@ -29,6 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import download
 import training
 from download import cache_dir
 from judge import gold_reward, proxy_reward
@@ -142,7 +145,7 @@ def summarize(rows, args, ckpt):
     s = {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
          "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
          "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
-         "eos_rate": mean("eos"), "n": len(rows),
+         "eos_rate": mean("eos"), "n": len(rows), "prompts_cut": sum(r["prompt_cut"] for r in rows),
          "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
     if "ood_tokens" in rows[0]:
         s["ood_token_rate"] = sum(r["ood_tokens"] for r in rows) / sum(len(r["sample_tokens"]) for r in rows)
@@ -150,6 +153,15 @@ def summarize(rows, args, ckpt):
         if key in rows[0]:
             s[key] = mean(key)
     return s
+
+
+def encode_prompt(tok, row, max_length, max_prompt_length):
+    """The prompt's tokens, cut as the DPO code cuts them: when the prompt and its reference summary
+    (+ EOS) exceed max_length, the prompt is cut to max_prompt_length (training.cut_prompt: start and
+    last line kept). Sets row["cut"]."""
+    ids = tok.encode(row["prompt"])
+    row["cut"] = len(ids) + len(tok.encode(row["reference"])) + 1 > max_length and len(ids) > max_prompt_length
+    return training.cut_prompt(tok, row["prompt"], ids, max_prompt_length) if row["cut"] else ids
 
 
 def find_tokenizer(ckpt):
@@ -168,8 +180,13 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer.json, a directory holding one, or a Pythia name; if omitted, the one in --ckpt or its run directory")
     p.add_argument("--n", "--num-prompts", dest="n", type=int, default=256,
                    help="prompts to sample (the paper: 256); under torchrun write --num-prompts (torchrun takes --n as its own)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="most new tokens per sample (App. B: max length 512)")
-    p.add_argument("--max-length", type=int, default=1024, help="most prompt + sample tokens (TL;DR prompts are up to 512)")
+    p.add_argument("--max-length", type=int, default=512, help="most prompt + sample tokens (App. B: max length 512, "
+                   "read as the DPO code reads it)")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="a prompt that would not leave room for its "
+                   "reference summary within --max-length is cut to this many tokens (or half the max length if "
+                   "less), keeping its start and its last line (the DPO code's max_prompt_length)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="an extra cap on new tokens per sample (default: "
+                   "none beyond --max-length)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 is greedy (the KL estimate assumes 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
@@ -189,6 +206,11 @@ def main(argv=None):
         raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
     env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
     device = env.device
+    outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}.jsonl" for c in ckpts]
+    if env.main:  # one writer per output: a second sample.py on it refuses at once
+        for out in outs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            download.hold(f"{out}.lock", out)
     torch.backends.cuda.matmul.allow_tf32 = False  # KL is a small difference of two large sums: full fp32
 
     tok = load_tokenizer(args.tokenizer or find_tokenizer(ckpts[0]))
@@ -199,18 +221,22 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=dtype, device=device)
     max_length = min(args.max_length, ref.config.max_position_embeddings)
-    encoded = [tok.encode(r["prompt"]) for r in chosen]
+    if args.max_prompt_length < 1 or max_length < 2:
+        raise ValueError(f"--max-prompt-length {args.max_prompt_length} and the max length {max_length} (--max-length "
+                         f"{args.max_length}, the model's {ref.config.max_position_embeddings} positions) must leave "
+                         "a prompt at least 1 token and a sample at least 1")
+    max_prompt_length = min(args.max_prompt_length, max_length // 2)  # a small model's few positions: half each
+    encoded = [encode_prompt(tok, r, max_length, max_prompt_length) for r in chosen]
     for r, e in zip(chosen, encoded):
-        if not 0 < len(e) < max_length:
-            raise ValueError(f"{args.prompts}: prompt {r['id']!r} has {len(e)} tokens; it needs 1 to {max_length - 1} "
-                             f"(--max-length {args.max_length}, the model's {ref.config.max_position_embeddings} positions)")
+        if not e:
+            raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
     seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
     gold_spec = json.loads(Path(args.gold_spec).read_text()) if args.gold_spec else None
     diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
-    for ckpt in ckpts:
-        out = Path(args.out) if args.out else ckpt.parent / f"samples-{ckpt.name}.jsonl"
+    for ckpt, out in zip(ckpts, outs):
         policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
         sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose)
+        download.release(f"{out}.lock")
         del policy  # before the next loads: two models on the device at a time, never three
     training.finish(env)
 
@@ -226,10 +252,11 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     for b, batch in enumerate(batches, 1):
         prompts = [encoded[i] for i in batch]
-        budgets = [min(args.max_new_tokens, max_length - len(e)) for e in prompts]
+        budgets = [min(args.max_new_tokens or max_length, max_length - len(e)) for e in prompts]
         for i, stats in zip(batch, sample_batch(policy, ref, prompts, budgets, tok.eos_id, args, generator)):
             r = chosen[i]
-            rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
+            rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "prompt_tokens": len(encoded[i]),
+                                  "prompt_cut": r["cut"], "reference": r["reference"],
                                   "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), **stats}))
             new_tokens += len(stats["sample_tokens"])
         if rank == 0:

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import download
 from download import cache_dir
 from model import Config, GPTNeoX
 
@@ -117,6 +118,8 @@ def setup(args):
 
 
 def finish(env):
+    if getattr(env, "run_dir", None):
+        download.release(env.run_dir)  # the run directory's lock (prepare_out)
     if env.owns_group:
         dist.destroy_process_group()
 
@@ -171,21 +174,27 @@ def encode(tok, prompt, responses, max_length):
     """(input_ids, labels) for prompt + each response + EOS, all sharing one truncated prompt.
 
     Labels are the ids on response tokens and IGNORE on the prompt, so only the response is
-    scored. When too long, a response keeps at least half the budget and the prompt loses
-    tokens from its middle: its start (subreddit, title) and its last line, the instruction
-    the model answers ("TL;DR:", "Assistant:"), survive. Pairs share the prompt cut so
-    that chosen and rejected are scored on the same context.
+    scored. When too long, a response keeps at least half the budget and the prompt is cut
+    from its middle (cut_prompt). Pairs share the prompt cut so that chosen and rejected are
+    scored on the same context.
     """
     p = tok.encode(prompt)
     rs = [tok.encode(r) + [tok.eos_id] for r in responses]
     r_budget = max(max_length - len(p), max_length // 2)
     rs = [r[:r_budget] for r in rs]
-    p_budget = max_length - max(len(r) for r in rs)
-    if len(p) > p_budget:
-        last_line = prompt[prompt.rstrip().rfind("\n"):]  # "\nTL;DR:"; the whole prompt if it has no newline
-        n_tail = min(len(tok.encode(last_line)), p_budget // 2)
-        p = p[:p_budget - n_tail] + p[len(p) - n_tail:]
+    p = cut_prompt(tok, prompt, p, max_length - max(len(r) for r in rs))
     return [(p + r, [IGNORE] * len(p) + r) for r in rs]
+
+
+def cut_prompt(tok, prompt, ids, budget):
+    """`prompt`'s token ids `ids` cut to at most `budget` tokens, from the middle: its start
+    (subreddit, title) and its last line, the instruction the model answers ("TL;DR:",
+    "Assistant:"), survive. The one rule for training (encode) and sampling (sample.py)."""
+    if len(ids) <= budget:
+        return ids
+    last_line = prompt[prompt.rstrip().rfind("\n"):]  # "\nTL;DR:"; the whole prompt if it has no newline
+    n_tail = min(len(tok.encode(last_line)), budget // 2)
+    return ids[:budget - n_tail] + ids[len(ids) - n_tail:]
 
 
 def collate(seqs, pad_id, device):
@@ -367,9 +376,14 @@ def prepare_out(args, env):
 
     Returns None for a fresh run, else the newest complete checkpoint's trainer_state
     (with its directory under "dir"). metrics.jsonl is cut back to that checkpoint's step,
-    so a resumed run's log reads as one run.
+    so a resumed run's log reads as one run. Rank 0 holds the directory's OS lock until
+    finish(env): a second launch on the same --out refuses at once.
     """
     out = Path(args.out)
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+        download.hold(out, f"run directory {out}")
+        env.run_dir = out  # released by finish(env)
     flags = dict(vars(args))
     args_file, latest = out / "args.json", out / "latest"
     if args_file.exists():

@@ -3,8 +3,9 @@
 Nothing here is measured. Win rates are drawn from the law itself,
 y0 + d(α − β log d) (Eq. 5), with the binomial noise of 256 judged prompts,
 for 3 model sizes × 3 losses × 5 β × 4 checkpoints per epoch. KL grows over
-the epoch and falls with β; the implicit reward of each sample becomes more
-length-driven as KL grows (Eq. 6); eval accuracy and loss follow KL, not the
+the epoch and falls with β; the implicit reward of each sample is γ·length
+plus noise (Eq. 6, through the origin), so length explains more of it as KL
+grows and less at larger sizes; eval accuracy and loss follow KL, not the
 win rate (Fig. 4). It shows what fit.py draws and that the fit recovers the
 law the points came from:
 
@@ -59,9 +60,11 @@ for i, (model, (y0, peak, height)) in enumerate(MODELS.items()):
                 kl = kl_end * beta ** -0.78 * fraction ** 0.8 * math.exp(rng.normal(0, 0.05))
                 d = math.sqrt(kl)
                 w, se = judged(y0 + d * (alpha - beta_law * math.log(d)))
-                # Eq. 6: each sample's log π/π_ref = KL + γ·(length − mean) + noise, γ growing with √KL
-                lengths = rng.normal(25 * (1 + 0.04 * kl), 8, n)
-                logratios = kl + 0.0128 * d * (1 - 0.15 * i) * (lengths - lengths.mean()) + rng.normal(0, 1, n)
+                # Eq. 6: each sample's log π/π_ref = γ·length + noise, γ = KL / mean length (so the mean
+                # log-ratio is the KL); the noise is larger for larger models, whose R² is lower (§3.3)
+                mean_length = 25 * (1 + 0.04 * kl)
+                lengths = rng.normal(mean_length, 8, n)
+                logratios = kl / mean_length * lengths + rng.normal(0, 2 * (1 + 0.5 * i), n)
                 gamma, r2 = fit.length_regression(lengths, logratios)
                 accuracy = 0.5 + 0.18 * (1 - math.exp(-kl / 10)) + rng.normal(0, 0.01)
                 rows.append(fit.to_row({

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from test_training import ROOT, RUN, max_diff, weights, write_inputs
 
 import daa  # noqa: E402  (test_training put the repository root on sys.path)
+import download  # noqa: E402
 import logprobs  # noqa: E402
 import sft  # noqa: E402
 import training  # noqa: E402
@@ -32,10 +34,11 @@ def softplus(x):
     ("dpo", 0.0, [softplus(-1.0), softplus(0.5)]),  # −log σ(βh) = log(1 + e^(−βh))
     ("slic", 0.0, [0.0, 1.5]),  # max(0, 1 − βh)
     ("ipo", 0.0, [(2 - 1) ** 2, (-1 - 1) ** 2]),  # (h − 1/(2β))², 1/(2β) = 1
-    # length regulariser, α = 0.1, |y_w| − |y_l| = 5 and 0: margins 1 − 0.5 = 0.5 and −0.5
-    ("dpo", 0.1, [softplus(-0.5), softplus(0.5)]),
-    ("slic", 0.1, [0.5, 1.5]),
-    ("ipo", 0.1, [0.0, 4.0]),  # ((margin − 1/2) / β)²
+    # length regulariser, α = 0.1, |y_w| − |y_l| = 5 and 0: margins 1 + 0.5 = 1.5 and −0.5
+    # (a longer chosen response is partly explained by its length: a smaller loss)
+    ("dpo", 0.1, [softplus(-1.5), softplus(0.5)]),
+    ("slic", 0.1, [0.0, 1.5]),
+    ("ipo", 0.1, [4.0, 4.0]),  # ((margin − 1/2) / β)²
 ])
 def test_daa_loss_by_hand(loss, alpha, expected):
     losses, chosen_rewards, rejected_rewards = daa.daa_loss(
@@ -157,6 +160,125 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, monkeypatch):
         daa.main([*args, "--out", str(out)])
     assert Path(out / "latest").resolve().name == "ckpt-4" and not (out / "ckpt-8").exists()
     assert all(torch.isfinite(v).all() for v in load_file(out / "ckpt-4" / "model.safetensors").values())
+
+
+# ---------------------------------------------------------------- --average-logps and --nll-alpha on a hand-built batch
+
+def hand_batch():
+    """Two pairs of a tiny random model, response lengths 3/1 (chosen) and 2/4 (rejected), EOS included."""
+    from model import Config, GPTNeoX
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=16))
+    prompts, chosen, rejected = [[1, 2], [3]], [[4, 5, 0], [0]], [[6, 0], [7, 8, 9, 0]]
+    seqs = [(p + r, [training.IGNORE] * len(p) + r) for p, r in zip(prompts + prompts, chosen + rejected)]
+    batch = training.collate(seqs, 0, "cpu")
+    tokens = (batch["labels"] != training.IGNORE).sum(1)
+    batch.update(idx=[0, 1], split="train", chosen_tokens=tokens[:2], rejected_tokens=tokens[2:])
+    # Σ log π per response by hand: the logits at position t score the token at t + 1.
+    logp = model(batch["input_ids"], attention_mask=batch["attention_mask"]).log_softmax(-1)
+    by_hand = []
+    for row, (p, r) in enumerate(zip(prompts + prompts, chosen + rejected)):
+        by_hand.append(sum(logp[row, len(p) - 1 + t, tok].item() for t, tok in enumerate(r)))
+    return model, batch, torch.tensor(by_hand), [len(r) for r in chosen + rejected]
+
+
+def loss_of(model, batch, ref, **flags):
+    args = SimpleNamespace(**{"beta": 0.5, "loss": "dpo", "length_alpha": 0.0, "average_logps": False,
+                              "nll_alpha": 0.0, **flags})
+    return daa.make_loss_fn(args, lambda b: ref)(model, batch)
+
+
+REF = (torch.tensor([-9.0, -3.0]), torch.tensor([-7.0, -12.0]))
+
+
+def test_hand_batch_token_counts():
+    _, batch, _, lengths = hand_batch()
+    assert batch["chosen_tokens"].tolist() == lengths[:2] and batch["rejected_tokens"].tolist() == lengths[2:]
+
+
+def test_average_logps_by_hand():
+    model, batch, logps, lengths = hand_batch()
+    n = torch.tensor(lengths, dtype=torch.float)
+    mean_c, mean_r = logps[:2] / n[:2], logps[2:] / n[2:]
+    ref_c, ref_r = REF[0] / n[:2], REF[1] / n[2:]
+    expected = [softplus(-0.5 * ((mean_c[i] - ref_c[i]) - (mean_r[i] - ref_r[i])).item()) for i in range(2)]
+    summed = [softplus(-0.5 * ((logps[i] - REF[0][i]) - (logps[2 + i] - REF[1][i])).item()) for i in range(2)]
+    _, stats = loss_of(model, batch, REF, average_logps=True)
+    assert stats["loss"].tolist() == pytest.approx(expected, rel=1e-5)
+    assert stats["rewards/chosen"].tolist() == pytest.approx((0.5 * (mean_c - ref_c)).tolist(), rel=1e-5)
+    assert stats["logps/chosen"].tolist() == pytest.approx(logps[:2].tolist(), rel=1e-5)  # logged as sums
+    assert stats["logratios/rejected"].tolist() == pytest.approx((logps[2:] - REF[1]).tolist(), rel=1e-5)
+    h = (mean_c - ref_c) - (mean_r - ref_r)  # TRL's IPO: (h − 1/(2β))² on per-token means
+    _, stats = loss_of(model, batch, REF, average_logps=True, loss="ipo")
+    assert stats["loss"].tolist() == pytest.approx(((h - 1 / (2 * 0.5)) ** 2).tolist(), rel=1e-5)
+    _, stats = loss_of(model, batch, REF)
+    assert stats["loss"].tolist() == pytest.approx(summed, rel=1e-5)  # sums by default
+    assert abs(summed[0] - expected[0]) > 1e-3  # the two conventions differ here
+
+
+@pytest.mark.parametrize("loss", daa.LOSSES)
+def test_nll_alpha_adds_the_per_token_nll_of_chosen(loss):
+    model, batch, logps, lengths = hand_batch()
+    nll = [-logps[i].item() / lengths[i] for i in range(2)]
+    mean0, plain = loss_of(model, batch, REF, loss=loss)
+    mean0_again, zero = loss_of(model, batch, REF, loss=loss, nll_alpha=0.0)
+    mean, rpo = loss_of(model, batch, REF, loss=loss, nll_alpha=0.3)
+    assert zero["loss"].tolist() == plain["loss"].tolist() and mean0_again.item() == mean0.item()  # A = 0: unchanged
+    assert (rpo["loss"] - plain["loss"]).tolist() == pytest.approx([0.3 * x for x in nll], rel=1e-5)
+    assert rpo["loss/nll"].tolist() == pytest.approx(nll, rel=1e-5) == plain["loss/nll"].tolist()
+    assert mean.item() == pytest.approx(mean0.item() + 0.3 * sum(nll) / 2, rel=1e-5)
+
+
+def test_nll_alpha_gradient_flows():
+    model, batch, _, _ = hand_batch()
+    grads = []
+    for alpha in (0.0, 1.0):
+        model.zero_grad()
+        loss_of(model, batch, REF, nll_alpha=alpha)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.isfinite(grads[1]).all() and (grads[1] - grads[0]).abs().max() > 1e-4
+    # The NLL term alone, by its own backward, is the difference.
+    model.zero_grad()
+    _, stats = loss_of(model, batch, REF)
+    chosen, _ = daa.pair_logps(model, batch)
+    (-(chosen / batch["chosen_tokens"]).mean()).backward()
+    alone = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads[1] - grads[0], alone, atol=1e-6)
+
+
+# ---------------------------------------------------------------- one run per directory (an OS lock)
+
+def test_second_launch_refuses_while_the_first_runs_and_a_rerun_after_sigkill_resumes(inputs, capsys):
+    tmp, args = inputs
+    out = tmp / "locked"
+    # The first run stops after its first checkpoint, still alive and holding the run directory.
+    pause = ("import sys, time, daa, training\n"
+             "save = training.save_checkpoint\n"
+             "def save_and_pause(*a, **kw):\n"
+             "    save(*a, **kw)\n"
+             "    print('CHECKPOINT', flush=True)\n"
+             "    time.sleep(300)\n"
+             "training.save_checkpoint = save_and_pause\n"
+             "daa.main(sys.argv[1:])\n")
+    first = subprocess.Popen([sys.executable, "-c", pause, *args, "--out", str(out)], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    try:
+        for line in first.stdout:
+            if line.startswith("CHECKPOINT"):
+                break
+        assert first.poll() is None
+        with pytest.raises(download.Busy, match=r"run directory .*locked is being written by another process") as e:
+            daa.main([*args, "--out", str(out)])
+        assert "\n" not in str(e.value)
+        assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-4", "latest", "metrics.jsonl"]  # untouched
+    finally:
+        first.kill()
+        first.wait()
+    daa.main([*args, "--out", str(out)])  # the OS dropped the killed run's lock: this resumes
+    assert "resuming from" in capsys.readouterr().out
+    assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6
 
 
 # ---------------------------------------------------------------- prefix-shared pairs

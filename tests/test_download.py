@@ -1,7 +1,13 @@
 """download.py and GPTNeoX.from_pretrained's hub path against a fake hub on 127.0.0.1."""
+import contextlib
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,6 +17,7 @@ from safetensors.torch import save_file
 import download
 from model import Config, GPTNeoX
 
+SLEEP = time.sleep  # the real one: the hub fixture turns time.sleep off (no backoff waits in tests)
 # Weights of about 2.2 MB: more than one of download.py's 1 MiB read blocks lies before the drop point.
 TINY = Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
@@ -18,8 +25,8 @@ TINY = Config(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attentio
 class FakeHub(BaseHTTPRequestHandler):
     """Serves `files` ({url path: bytes}) the way the hub does: HEAD reports size and, for
     weights (LFS files), sha256; GET honours Range. A path in `drop` loses its connection
-    halfway through the body, once."""
-    files, drop, log, lie_sha, honour_range = {}, set(), [], False, True
+    halfway through the body, once. `delay` seconds pass before each 64 KiB of a body (a slow link)."""
+    files, drop, log, lie_sha, honour_range, delay = {}, set(), [], False, True, 0.0
 
     def do_HEAD(self):
         self.log.append(("HEAD", self.path, None, self.headers.get("Authorization")))
@@ -48,11 +55,16 @@ class FakeHub(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        end = len(body)
         if self.path in self.drop:
             self.drop.discard(self.path)
-            self.wfile.write(body[start:len(body) // 2])  # then the connection closes early
-            return
-        self.wfile.write(body[start:])
+            end = len(body) // 2  # then the connection closes early
+        try:
+            for i in range(start, end, 1 << 16):
+                SLEEP(self.delay)
+                self.wfile.write(body[i:min(i + (1 << 16), end)])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client was killed
 
     def _status(self, code):
         self.send_response(code)
@@ -67,6 +79,7 @@ class FakeHub(BaseHTTPRequestHandler):
 def hub(monkeypatch, tmp_path):
     """A fresh fake hub and empty cache; the hub's weights are those of `model`."""
     FakeHub.files, FakeHub.drop, FakeHub.log, FakeHub.lie_sha, FakeHub.honour_range = {}, set(), [], False, True
+    FakeHub.delay = 0.0
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
@@ -165,3 +178,103 @@ def test_missing_local_dir_is_not_sent_to_the_hub(hub, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         GPTNeoX.from_pretrained(str(tmp_path / "no" / "such" / "ckpt"))
     assert hub[0].log == []
+
+
+def in_subprocess(code):
+    env = dict(os.environ, PYTHONPATH=str(Path(download.__file__).parent))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_concurrent_fetches_of_one_file_all_end_with_the_verified_file(hub):
+    """Issue 17.1: four processes (torchrun ranks, or jobs sharing a cache) fetch one file at once from a
+    slow server that drops the connection once: one downloads under the lock, the others wait, and every
+    process ends holding the verified file."""
+    fake, _, tmp = hub
+    serve(fake, tmp / "src")
+    weights = "/EleutherAI/pythia-tiny/resolve/main/model.safetensors"
+    fake.drop.add(weights)
+    fake.delay = 0.02  # about 0.7 s per pass over the 2.2 MB file: the four processes overlap
+    procs = [in_subprocess("import download; p = download.hub_file('EleutherAI/pythia-tiny', 'model.safetensors'); "
+                           "print(download.sha256_of(p))") for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    expected = hashlib.sha256(fake.files[weights]).hexdigest()
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert out.strip() == expected
+    gets = [rng for method, path, rng, _ in fake.log if method == "GET" and path == weights]
+    assert len(gets) == 2 and gets[0] is None and gets[1].startswith("bytes=")  # one downloader, resumed once
+    cached = tmp / "cache" / "hub" / "EleutherAI" / "pythia-tiny" / "main"
+    assert sorted(p.name for p in cached.iterdir()) == ["model.safetensors"]  # no .part, no .lock left
+
+
+def test_a_killed_downloader_leaves_no_stale_lock(hub):
+    """The lock is the OS's: a SIGKILLed holder frees it, and the next process resumes its .part."""
+    fake, _, tmp = hub
+    serve(fake, tmp / "src")
+    weights = "/EleutherAI/pythia-tiny/resolve/main/model.safetensors"
+    fake.delay = 0.1
+    proc = in_subprocess("import download; download.hub_file('EleutherAI/pythia-tiny', 'model.safetensors')")
+    cached = tmp / "cache" / "hub" / "EleutherAI" / "pythia-tiny" / "main"
+    part = cached / "model.safetensors.part"
+    deadline = time.time() + 30
+    while not (part.exists() and part.stat().st_size > 0) and time.time() < deadline:
+        SLEEP(0.01)
+    proc.kill()
+    proc.communicate()
+    assert part.stat().st_size < len(fake.files[weights]) and (cached / "model.safetensors.lock").exists()
+    fake.delay = 0.0
+    path = download.hub_file("EleutherAI/pythia-tiny", "model.safetensors")  # would wait forever on a stale lock
+    assert path.read_bytes() == fake.files[weights]
+    gets = [rng for method, p, rng, _ in fake.log if method == "GET" and p == weights]
+    assert len(gets) == 2 and gets[-1].startswith("bytes=")  # resumed from the killed one's .part
+
+
+@contextlib.contextmanager
+def held_by_another_process(path):
+    """While the block runs, a child process holds download.hold's lock on `path`."""
+    code = "import download, sys, time; download.hold(sys.argv[1], 'x'); print('held', flush=True); time.sleep(300)"
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(Path(download.__file__).parent)))
+    try:
+        assert child.stdout.readline() == "held\n"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_hold_refuses_another_process_is_reentrant_and_dies_with_its_holder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with held_by_another_process(run):
+        with pytest.raises(download.Busy, match=r"^my run is being written by another process \(it holds the lock"):
+            download.hold(run, "my run")
+    download.hold(run, "my run")  # the killed holder left no stale lock
+    download.hold(run, "my run")  # re-entrant in one process
+    download.release(run)
+    lock = tmp_path / "out.jsonl.lock"
+    download.hold(lock, "out.jsonl")
+    assert lock.exists()
+    download.release(lock)
+    assert not lock.exists() and run.is_dir()  # a lock file goes with its release; a directory stays
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_give_one_line_naming_the_file(tmp_path, damage):
+    GPTNeoX(TINY).save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncate" else b"\x08" + data[1:200])
+    with pytest.raises(ValueError, match=rf"^{weights} is not a readable safetensors file \(.*\): it is corrupt or "
+                                         r"truncated; delete it") as e:
+        GPTNeoX.from_pretrained(tmp_path / "ckpt")
+    assert "\n" not in str(e.value)
+    if damage == "truncate":  # and through a CLI: the one line, a non-zero exit
+        root = Path(download.__file__).parent
+        (tmp_path / "p.jsonl").write_text('{"id": "1", "prompt": "a", "reference": "b"}\n')
+        r = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(tmp_path / "ckpt"), "--ref",
+                            str(tmp_path / "ckpt"), "--tokenizer", str(root / "tests/fixtures/gpt-neox-20b-tokenizer.json"),
+                            "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s.jsonl")],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.splitlines() == [f"error: {e.value}"]

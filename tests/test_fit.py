@@ -101,25 +101,51 @@ def test_d_zero_is_the_sft_point():
 # ---------------------------------------------------------------- Eq. 6 and Pearson r
 
 
-def test_length_regression_r2_on_constructed_data():
+def test_length_regression_through_the_origin():
+    """Eq. 6 by default: z = γ|y|, no intercept, uncentred R² = 1 − SSR/Σz²."""
     lengths = np.arange(10.0, 60.0)
-    gamma, r2 = fit.length_regression(lengths, 0.05 * lengths - 1.0)
+    gamma, r2 = fit.length_regression(lengths, 0.05 * lengths)
     assert gamma == pytest.approx(0.05) and r2 == pytest.approx(1.0)
+    rng = np.random.default_rng(2)
+    z = 0.05 * lengths + rng.normal(0, 0.2, lengths.size)
+    gamma, r2 = fit.length_regression(lengths, z)
+    assert gamma == pytest.approx((lengths @ z) / (lengths @ lengths))  # the normal equation without intercept
+    assert r2 == pytest.approx(1 - ((z - gamma * lengths) ** 2).sum() / (z ** 2).sum())
+    assert gamma == pytest.approx(np.linalg.lstsq(lengths[:, None], z, rcond=None)[0][0])
+
+
+def test_length_regression_constant_offset():
+    """z = c, no dependence on length: through the origin a line still 'explains' much of Σz²
+    (uncentred R² high, γ > 0), while the centred variant sees γ = 0 and R² = 0."""
+    lengths = np.arange(10.0, 58.0)
+    z = 2.0 + 1e-3 * np.tile([1, -1, -1, 1], 12)  # a wiggle orthogonal to length: z is c, plus nothing length explains
+    gamma, r2 = fit.length_regression(lengths, z)
+    assert gamma == pytest.approx(2.0 * lengths.sum() / (lengths @ lengths), rel=1e-3) and 0.8 < r2 < 1
+    gamma, r2 = fit.length_regression(lengths, z, intercept=True)
+    assert abs(gamma) < 1e-12 and r2 < 1e-9
+    # and an offset on top of a slope: the intercept variant recovers the slope exactly
+    gamma, r2 = fit.length_regression(lengths, 0.05 * lengths - 1.0, intercept=True)
+    assert gamma == pytest.approx(0.05) and r2 == pytest.approx(1.0)
+    gamma_origin, r2_origin = fit.length_regression(lengths, 0.05 * lengths - 1.0)
+    assert gamma_origin < 0.05 and r2_origin < 1
     # noise of known size: population R² = γ²·Var(len) / (γ²·Var(len) + σ²) = 0.5 here
     rng = np.random.default_rng(3)
     lengths = rng.uniform(10, 70, 20000)
     sigma = 0.05 * math.sqrt(60 ** 2 / 12)
     z = 0.05 * lengths + rng.normal(0, sigma, lengths.size)
-    gamma, r2 = fit.length_regression(lengths, z)
+    gamma, r2 = fit.length_regression(lengths, z, intercept=True)
     assert gamma == pytest.approx(0.05, rel=0.03) and r2 == pytest.approx(0.5, abs=0.02)
     assert r2 == pytest.approx(np.corrcoef(lengths, z)[0, 1] ** 2)  # simple regression: R² = r²
     assert gamma == pytest.approx(np.polyfit(lengths, z, 1)[0])
 
 
 def test_length_regression_degenerate():
-    assert all(math.isnan(v) for v in fit.length_regression([512, 512, 512], [1.0, 2.0, 3.0]))  # all at the cap
-    gamma, r2 = fit.length_regression([10, 20, 30], [0.0, 0.0, 0.0])  # the SFT policy: π = π_ref
-    assert gamma == 0.0 and math.isnan(r2)
+    # all at the cap: no slope with an intercept; through the origin, γ = mean z / 512
+    assert all(math.isnan(v) for v in fit.length_regression([512, 512, 512], [1.0, 2.0, 3.0], intercept=True))
+    assert fit.length_regression([512, 512, 512], [1.0, 2.0, 3.0])[0] == pytest.approx(2 / 512)
+    for intercept in (False, True):
+        gamma, r2 = fit.length_regression([10, 20, 30], [0.0, 0.0, 0.0], intercept)  # the SFT policy: π = π_ref
+        assert gamma == 0.0 and math.isnan(r2)
     for lengths, z, message in (([1, 2], [1.0, 2.0], "at least 3"), ([1, 2, 3], [1.0, 2.0], "same length"),
                                 ([1, 2, 3], [1.0, float("nan"), 2.0], "finite")):
         with pytest.raises(ValueError, match=message):
@@ -249,20 +275,26 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
 # ---------------------------------------------------------------- run directories → every figure
 
 
-def _write_run(root, model, loss, beta, rng, y0):
-    """A run directory as sft.py/daa.py + sample.py + judge.py lay it out (DESIGN.md, "Files on disk")."""
+def _write_run(root, model, loss, beta, rng, y0, name=None, args=None, config=None, summary=None,
+               steps=(256, 512, 768, 1024)):
+    """A run directory as sft.py/daa.py + sample.py + judge.py lay it out (DESIGN.md, "Files on disk");
+    `args` adds to args.json, `config` is each checkpoint's config.json, `summary` its samples summary."""
     sft = root / f"{model}-sft"
-    run = root / f"{model}-{loss}-{beta}" if loss else sft
+    run = root / (name or f"{model}-{loss}-{beta}") if loss else sft
     run.mkdir()
-    args = {"init": str(sft / "latest"), "loss": loss, "beta": beta} if loss else {"model": model}
-    (run / "args.json").write_text(json.dumps(args))
+    base = {"init": str(sft / "latest"), "loss": loss, "beta": beta} if loss else {"model": model}
+    (run / "args.json").write_text(json.dumps({**base, **(args or {})}))
     n = 16
-    for examples in (256, 512, 768, 1024) if loss else (2048,):
+    for examples in steps if loss else (2048,):
         fraction = examples / 1024 if loss else 1.0  # an SFT checkpoint's fraction is of the SFT epoch
         kl = 40 * fraction / (beta * 20) if loss else 0.0
         tag = f"ckpt-{examples}"
         (run / tag).mkdir()
         (run / tag / "trainer_state.json").write_text(json.dumps({"examples": examples, "fraction": fraction}))
+        if config:
+            (run / tag / "config.json").write_text(json.dumps(config))
+        if summary:
+            (run / f"samples-{tag}.summary.json").write_text(json.dumps({"kl": kl, **summary}))
         if loss:
             (run / tag / "eval.json").write_text(json.dumps({
                 "eval/examples": 100, "eval/loss": 0.69 - 0.004 * kl, "eval/accuracy": 0.5 + 0.005 * kl,
@@ -329,3 +361,60 @@ def test_synthetic_example_script(tmp_path):
         assert (tmp_path / name).stat().st_size > 5000
     rows = fit.read_results(tmp_path / "results.csv")
     assert len(rows) == 3 + 3 * 3 * 5 * 4
+
+
+def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
+    """Issue 14: rows carry seed, params, length_alpha, nll_alpha and the samples summary's statistics;
+    each regulariser is its own arm; seeds pool into one fit but stay separate runs; sizes order by params."""
+    import torch
+    from model import Config, GPTNeoX
+    rng = np.random.default_rng(6)
+    sizes = {"tiny-s": (16, 1), "tiny-m": (32, 2), "tiny-l": (64, 4)}  # width, depth
+    configs = {m: Config(vocab_size=64, hidden_size=w, num_hidden_layers=l, num_attention_heads=4,
+                         intermediate_size=4 * w).to_dict() for m, (w, l) in sizes.items()}
+    stats = {"ood_token_rate": 0.125, "gold_reward": -0.5, "proxy_reward": 1.5, "length_words": 7.0, "n": 16,
+             "ckpt": "text is not carried", "eos_rate": True}
+    runs = []
+    for i, model in enumerate(("tiny-l", "tiny-s", "tiny-m")):  # not in size order
+        runs.append(_write_run(tmp_path, model, None, None, rng, 0.3, config=configs[model]))
+        for beta in (0.05, 0.1, 0.5):
+            for seed in (0, 1):
+                runs.append(_write_run(tmp_path, model, "dpo", beta, rng, 0.3, name=f"{model}-dpo-{beta}-s{seed}",
+                                       args={"seed": seed}, config=configs[model], summary=stats,
+                                       steps=(256, 512, 768, 1024) if seed == 0 else (256, 512, 768)))
+            if model == "tiny-m":
+                for key in ("length_alpha", "nll_alpha"):
+                    runs.append(_write_run(tmp_path, model, "dpo", beta, rng, 0.3, name=f"{model}-{key}-{beta}",
+                                           args={"seed": 0, key: 0.01}, config=configs[model], summary=stats))
+    rows = fit.load([str(r) for r in runs])
+    r = next(r for r in rows if r["model"] == "tiny-m" and r["nll_alpha"] > 0)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPTNeoX(Config.from_dict(configs["tiny-m"])).parameters())
+    assert r["params"] == params and fit.arm(r) == "dpo+nll0.01" and r["length_alpha"] == 0 and r["seed"] == 0
+    assert (r["ood_token_rate"], r["gold_reward"], r["proxy_reward"], r["length_words"]) == (0.125, -0.5, 1.5, 7.0)
+    assert "ckpt" not in r and "eos_rate" not in r  # numbers only
+    assert fit.model_order(rows) == ["tiny-s", "tiny-m", "tiny-l"]
+
+    # seeds are separate runs: seed 1 stopped at 0.75, and that is its final checkpoint
+    final = fit.final_rows([r for r in rows if not fit.is_sft(r)])
+    plain = [r for r in final if fit.arm(r) == "dpo" and r["model"] == "tiny-s" and r["beta"] == 0.1]
+    assert sorted((r["seed"], r["fraction"]) for r in plain) == [(0, 1.0), (1, 0.75)]
+
+    fits, _ = fit.analyze(rows, tmp_path / "o", dpi=40)
+    law = fits["scaling_law"]["all"]
+    assert set(law) == {"dpo", "dpo+len0.01", "dpo+nll0.01"}
+    assert set(law["dpo"]) == {"tiny-s", "tiny-m", "tiny-l"} and set(law["dpo+len0.01"]) == {"tiny-m"}
+    assert law["dpo"]["tiny-m"]["n"] == 3 * (4 + 3) and law["dpo+nll0.01"]["tiny-m"]["n"] == 3 * 4  # seeds pooled
+    assert fits["scaling_law"]["final"]["dpo"]["tiny-m"]["n"] == 3 * 2
+    assert fits["length_regression"].startswith("Eq. 6 through the origin, uncentred R²")
+    for name in FIGURES:
+        assert (tmp_path / "o" / name).stat().st_size > 5000
+    again = {(r["model"], fit.arm(r), r["beta"], r["seed"], r["fraction"]): r
+             for r in fit.read_results(tmp_path / "o" / "results.csv")}
+    r = again["tiny-m", "dpo+nll0.01", 0.1, 0, 1.0]
+    assert r["params"] == params and r["ood_token_rate"] == 0.125 and r["nll_alpha"] == 0.01
+
+    centred_rows = fit.load([str(r) for r in runs], length_intercept=True)
+    assert all(a["length_r2"] != b["length_r2"] for a, b in zip(rows, centred_rows) if not fit.is_sft(a))
+    centred, _ = fit.analyze(centred_rows, tmp_path / "c", dpi=40, length_intercept=True)
+    assert centred["length_regression"].startswith("Eq. 6 with an intercept, centred R²")

@@ -263,7 +263,7 @@ def test_hh_prompt_and_parsing(serve, tmp_path):
     ("hh", "Preferred: A", None),
 ])
 def test_parse_verdict(task, reply, verdict):
-    assert judge.parse_verdict(reply, task) == verdict
+    assert judge.parse_verdict(reply, judge.VERDICT[task]) == verdict
 
 
 def test_lc_win_rate_removes_a_length_effect():
@@ -311,3 +311,84 @@ def test_bad_samples_file_names_the_line(tmp_path):
     samples.write_text('{"id": 1, "prompt": "p", "sample": "s", "reference": "r"}\n{"id": 2, "prompt": "p"}\n')
     with pytest.raises(ValueError, match=r"s\.jsonl:2: missing sample, reference"):
         judge.main([str(samples), "--base-url", "http://127.0.0.1:9/v1"])
+
+
+def test_default_judge_is_the_papers(serve, tmp_path):
+    server = serve(ok("Preferred: A"))
+    samples, _ = write_samples(tmp_path, 2)
+    judge.main([str(samples), "--base-url", server.url])
+    assert {b["model"] for b in server.bodies} == {"gpt-4-turbo-2024-04-09"}  # App. B
+
+
+def test_request_json_fixes_a_server_that_rejects_max_tokens(serve, tmp_path, capsys):
+    """A reasoning-model-like server: 400 on max_tokens (as OpenAI words it), and the advice works."""
+    def script(n, body):
+        if "max_tokens" in body:
+            return 400, {}, json.dumps({"error": {"message": "Unsupported parameter: 'max_tokens' is not supported "
+                                                  "with this model. Use 'max_completion_tokens' instead.",
+                                       "type": "invalid_request_error", "param": "max_tokens",
+                                       "code": "unsupported_parameter"}}), 0.0
+        return 200, {}, "Comparison: x\nPreferred: A", 0.0
+    server = serve(script)
+    samples, _ = write_samples(tmp_path, 4)
+    with pytest.raises(judge.Fatal, match=r"rejects the request parameter 'max_tokens': drop or rename it with "
+                                          r"--request-json"):
+        run(server, samples, "--concurrency", "1")
+    assert len(server.bodies) == 1  # a 400 is not retried
+    s = run(server, samples, "--request-json", '{"max_tokens": null, "max_completion_tokens": 64, "temperature": null,'
+                                               ' "reasoning_effort": "low"}')
+    assert s["n"] == 4 and s["unparseable"] == 0
+    for body in server.bodies[1:]:
+        assert "max_tokens" not in body and "temperature" not in body
+        assert body["max_completion_tokens"] == 64 and body["reasoning_effort"] == "low" and body["model"] == "judge-model"
+
+
+def test_prompt_file_and_verdict_label(serve, tmp_path):
+    server = serve(ok("Reasoning: short.\nWinner: B"))
+    samples, rows = write_samples(tmp_path, 6)
+    template = tmp_path / "prompt.txt"
+    template.write_text("Which {{summary}} is better?\nPOST: {prompt}\nFIRST: {a}\nSECOND: {b}\nEnd with 'Winner: A' or 'Winner: B'.")
+    run(server, samples, "--prompt-file", str(template), "--verdict-label", "Winner")
+    for body in server.bodies:
+        content = body["messages"][0]["content"]
+        assert content.startswith("Which {summary} is better?\nPOST: POST: post number") and "Preferred" not in content
+        assert body["max_tokens"] == 256 and body["temperature"] == 0  # the defaults without --request-json
+    for r in rows_of(tmp_path / "judgments-ckpt-100.jsonl"):
+        assert r["verdict"] == "B" and r["win"] == (0.0 if r["policy_first"] else 1.0)
+
+
+@pytest.mark.parametrize("text,extra,message", [
+    ("{prompt} {a}", ["--verdict-label", "W"], r"needs the fields \{prompt\}, \{a\} and \{b\} and no others, has \{a\}, \{prompt\}"),
+    ("{prompt} {a} {b} {c}", ["--verdict-label", "W"], r"and no others, has \{a\}, \{b\}, \{c\}, \{prompt\}"),
+    ("{prompt} {a} {b} {", ["--verdict-label", "W"], "not a valid template"),
+])
+def test_bad_prompt_file(tmp_path, text, extra, message):
+    samples, _ = write_samples(tmp_path, 2)
+    (tmp_path / "p.txt").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        judge.main([str(samples), "--prompt-file", str(tmp_path / "p.txt"), *extra])
+    assert not (tmp_path / "judgments-ckpt-100.jsonl").exists()
+
+
+def test_bad_request_json_and_missing_label(tmp_path, capsys):
+    samples, _ = write_samples(tmp_path, 2)
+    for bad, message in (("{oops", "argument --request-json: not JSON"), ("[1]", "must be a JSON object, got '[1]'")):
+        with pytest.raises(SystemExit):  # argparse reports a bad value in one line
+            judge.main([str(samples), "--request-json", bad])
+        assert message in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("{prompt} {a} {b}")
+    with pytest.raises(SystemExit):
+        judge.main([str(samples), "--prompt-file", str(tmp_path / "p.txt")])
+    assert "--prompt-file needs --verdict-label" in capsys.readouterr().err
+
+
+def test_a_judgments_file_being_written_refuses_a_second_judge(tmp_path):
+    from test_download import held_by_another_process
+    samples, _ = write_samples(tmp_path, 2)
+    out = tmp_path / "judgments-ckpt-100.jsonl"
+    with held_by_another_process(f"{out}.lock"):
+        r = subprocess.run([sys.executable, str(ROOT / "judge.py"), str(samples), "--judge", "gold", "--task", "tiny"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: {out} is being written by another process")
+    assert not out.exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sample
+import training
 from model import Config, GPTNeoX
 from tokenizer import load_tokenizer
 
@@ -72,7 +73,8 @@ def test_recorded_logps_equal_a_fresh_full_forward(env, tmp_path):
     policy, ref = GPTNeoX.from_pretrained(env / "run/ckpt-100"), GPTNeoX.from_pretrained(env / "sft")
     assert len(rows) == 6
     for r in rows:
-        prompt = tok.encode(r["prompt"])
+        prompt = sample.encode_prompt(tok, dict(r), 512, 256)  # the defaults: some of these prompts are cut
+        assert len(prompt) == r["prompt_tokens"]
         logp, entropy, mass = fresh_scores(policy, prompt, r["sample_tokens"])
         assert r["policy_logp"] == pytest.approx(logp, abs=1e-3)
         assert r["ref_logp"] == pytest.approx(fresh_scores(ref, prompt, r["sample_tokens"])[0], abs=1e-3)
@@ -172,9 +174,45 @@ def test_bad_prompts_fail_with_one_line(env, tmp_path):
     bad.write_text('{"id": "1", "prompt": "a", "reference": "b"}\n{"id": "2", "prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:2: needs string field\(s\) reference"):
         sample.main(["--ckpt", str(env / "sft"), "--ref", str(env / "sft"), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")])
-    with pytest.raises(ValueError, match="has .* tokens; it needs 1 to 99"):
-        run(env, tmp_path / "o.jsonl", "--max-length", "100")
+    bad.write_text('{"id": "1", "prompt": "", "reference": "b"}\n')
+    with pytest.raises(ValueError, match="prompt '1' is empty"):
+        sample.main(["--ckpt", str(env / "sft"), "--ref", str(env / "sft"), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")])
+    with pytest.raises(ValueError, match="--max-prompt-length 0 and the max length 100 .* must leave a prompt"):
+        run(env, tmp_path / "o.jsonl", "--max-length", "100", "--max-prompt-length", "0")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_long_prompt_is_cut_and_max_length_counts_prompt_and_sample(env, tmp_path):
+    """--max-length bounds prompt + sample; a prompt that leaves no room for its reference is cut to
+    --max-prompt-length by training.cut_prompt (start and last line kept); --max-new-tokens caps on top."""
+    tok = load_tokenizer(env / "sft")
+    long = "SUBREDDIT: r/test\n\nTITLE: a long post\n\nPOST: " + "word " * 300 + "\n\nTL;DR:"
+    short = "SUBREDDIT: r/test\n\nPOST: short\n\nTL;DR:"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "long", "prompt": long, "reference": "a summary"}) + "\n" +
+                       json.dumps({"id": "short", "prompt": short, "reference": "a summary"}) + "\n")
+    args = ["--ckpt", str(env / "greedy"), "--ref", str(env / "sft"), "--prompts", str(prompts), "--n", "2",
+            "--temperature", "0", "--max-length", "100", "--max-prompt-length", "40"]
+    sample.main([*args, "--out", str(tmp_path / "s.jsonl")])
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    summary = json.loads((tmp_path / "s.summary.json").read_text())
+    assert summary["prompts_cut"] == 1 and rows["long"]["prompt_cut"] and not rows["short"]["prompt_cut"]
+    n_short = len(tok.encode(short))
+    assert (rows["long"]["prompt_tokens"], rows["short"]["prompt_tokens"]) == (40, n_short)
+    for r in rows.values():  # greedy, and EOS is never the argmax here: every sample runs to the budget
+        assert not r["eos"] and len(r["sample_tokens"]) == 100 - r["prompt_tokens"]
+    cut = tok.encode(long)
+    cut = training.cut_prompt(tok, long, cut, 40)
+    assert len(cut) == 40 and tok.decode(cut).startswith("SUBREDDIT: r/test") and tok.decode(cut).endswith("\nTL;DR:")
+    policy = GPTNeoX.from_pretrained(env / "greedy")
+    logp, _, _ = fresh_scores(policy, cut, rows["long"]["sample_tokens"])  # sampled after the cut prompt
+    assert rows["long"]["policy_logp"] == pytest.approx(logp, abs=1e-3)
+
+    sample.main([*args[:-1], "70", "--out", str(tmp_path / "half.jsonl")])  # above half of 100: 50 it is
+    assert json.loads((tmp_path / "half.jsonl").read_text().splitlines()[0])["prompt_tokens"] == 50
+
+    sample.main([*args, "--max-new-tokens", "5", "--out", str(tmp_path / "capped.jsonl")])
+    assert all(len(json.loads(l)["sample_tokens"]) == 5 for l in (tmp_path / "capped.jsonl").read_text().splitlines())
 
 
 def test_torchrun_shards_and_gathers_one_file(env, tmp_path):
@@ -189,6 +227,49 @@ def test_torchrun_shards_and_gathers_one_file(env, tmp_path):
     assert [r["id"] for r in two] == [r["id"] for r in single]
     for a, b in zip(two, single):
         assert a["sample_tokens"] == b["sample_tokens"] and a["policy_logp"] == pytest.approx(b["policy_logp"], abs=1e-3)
+
+
+def test_an_output_being_written_refuses_a_second_sampler(env, tmp_path):
+    from test_download import held_by_another_process
+    import download
+    out = tmp_path / "s.jsonl"
+    with held_by_another_process(f"{out}.lock"):
+        with pytest.raises(download.Busy, match=f"{out} is being written by another process"):
+            run(env, out)
+    assert not out.exists()
+    run(env, out)  # the holder is gone: no stale lock
+    assert not Path(f"{out}.lock").exists()
+
+
+def test_ood_token_rate_is_exact_on_a_hand_built_set(tmp_path):
+    """The token set comes from every training response (SFT and both sides of each pair) plus EOS;
+    the rate pools sampled tokens, EOS included, over all samples."""
+    tok = load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer.json")
+    (tmp_path / "sft_train.jsonl").write_text(json.dumps({"prompt": "p", "response": " the cat"}) + "\n")
+    (tmp_path / "pref_train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a dog",
+                                                           "rejected": " the"}) + "\n")
+    seen = sample.response_token_ids(tmp_path, tok)
+    assert seen == set(tok.encode(" the cat") + tok.encode(" a dog") + [tok.eos_id])
+    cat, dog, new = tok.encode(" cat")[0], tok.encode(" dog")[0], tok.encode(" zebra")[0]
+    assert new not in seen
+    rows = [sample.add_diagnostics({"prompt": "p", "sample": "", "sample_tokens": toks}, seen, None)
+            for toks in ([cat, new, tok.eos_id], [new, new, dog, new, tok.eos_id])]
+    assert [r["ood_tokens"] for r in rows] == [1, 3]
+    for r in rows:
+        r.update(policy_logp=0.0, ref_logp=0.0, length=len(r["sample_tokens"]) - 1, eos=True,
+                 top10_entropy=0.0, top10_mass=1.0, prompt_cut=False)
+    s = sample.summarize(rows, SimpleNamespace(ref="ref", seed=0, temperature=1.0), "ckpt")
+    assert s["ood_token_rate"] == 4 / 8
+
+
+def test_gold_and_proxy_diagnostics():
+    spec = {"important": ["rent", "job", "exam"], "gold_scale": 3.0, "length_bias": 0.5}
+    row = sample.add_diagnostics({"prompt": "POST: rent really job just exam TLDR:", "sample": " rent job really",
+                                  "sample_tokens": [1, 2, 3, 0]}, None, spec)
+    assert "ood_tokens" not in row
+    assert row["gold_reward"] == pytest.approx(2 / 3 - 0.25)
+    assert row["proxy_reward"] == pytest.approx(3 * (2 / 3 - 0.25) + 0.5 * 3)
+    assert row["length_words"] == 3
 
 
 def test_bfloat16_weights_keep_the_kl_within_a_hundredth_of_a_nat_per_token(env):

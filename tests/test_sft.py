@@ -69,6 +69,20 @@ def test_bad_flags_exit_with_one_line_and_write_nothing(tmp_path):
         ["error: --batch-size 3 must be a multiple of --micro-batch-size 2 × 1 processes"]
 
 
+def test_a_run_directory_being_written_refuses_a_second_sft_with_one_line(tmp_path):
+    from test_download import held_by_another_process
+    model_dir, data = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with held_by_another_process(out):
+        r = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(model_dir), "--data", str(data),
+                            "--out", str(out), *RUN, "--max-examples", "8"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and list(out.iterdir()) == []
+    assert r.stderr.strip().splitlines() == [f"error: run directory {out} is being written by another process (it "
+                                             f"holds the lock on {out.resolve()}): let it finish, or choose another output"]
+
+
 def test_activation_checkpointing_trains_the_same_model_and_may_change_on_resume(tmp_path):
     model_dir, data = write_inputs(tmp_path)
     common = ["--model", str(model_dir), "--data", str(data), *RUN, "--max-examples", "8", "--checkpoints", "2"]

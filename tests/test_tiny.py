@@ -1,5 +1,6 @@
-"""The offline miniature study: its task (data/tiny/prepare.py), its gold judge, and the whole
-pipeline end to end (scripts/tiny_study.sh --quick)."""
+"""The offline miniature study's task (data/tiny/prepare.py) and its gold judge. The whole
+pipeline end to end (scripts/tiny_study.sh --quick) is tested in tests/test_study.py, on the one
+--quick run that the driver's tests share."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from judge import gold_reward, judge_gold
+import itertools
+
+from judge import gold_reward, judge_gold, proxy_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,13 +29,17 @@ def rows(path):
 
 
 def test_prepared_files_and_model_dir(task):
-    from model import Config
+    from model import Config, GPTNeoX
     from tokenizer import load_tokenizer
     assert len(rows(task / "sft_train.jsonl")) == 200 and len(rows(task / "pref_train.jsonl")) == 4000
     assert {"id", "prompt", "reference"} <= set(rows(task / "eval_prompts.jsonl")[0])
-    tok = load_tokenizer(task / "gpt-neox-tiny")
-    config = Config.from_dict(json.loads((task / "gpt-neox-tiny/config.json").read_text()))
-    assert tok.eos_id == 0 and tok.vocab_size == config.vocab_size
+    tok = load_tokenizer(task / "models/tiny-m")
+    params = {}
+    for size in ("tiny-s", "tiny-m", "tiny-l"):
+        config = Config.from_dict(json.loads((task / "models" / size / "config.json").read_text()))
+        assert tok.vocab_size == config.vocab_size == 43 + 256  # EOS, POST:, TLDR:, 40 words; 256 bytes
+        params[size] = sum(p.numel() for p in GPTNeoX(config).parameters())
+    assert tok.eos_id == 0 and params["tiny-l"] >= 8 * params["tiny-s"]  # the --scaling span
     for r in rows(task / "pref_train.jsonl")[:50]:  # every word of the task is one token
         text = r["prompt"] + r["chosen"]
         assert len(tok.encode(text)) == len(text.split()) and tok.decode(tok.encode(text)) == text
@@ -52,14 +59,13 @@ def test_gold_judge_follows_the_reward_definition(task):
     assert judge_gold(dict(row, sample=" rent really"), spec)["win"] == 0.0
 
 
-def test_the_labeller_prefers_length_beyond_the_gold_reward(task):
-    """Fit the labeller's choices by logistic regression on (Δgold, Δlength) of a random
-    orientation of each pair: the gold weight comes out near 3 and the spurious length
-    weight near 0.5, clearly above the 0 of an unbiased labeller."""
-    spec = json.loads((task / "gold.json").read_text())
+def labeller_weights(data):
+    """Fit the labeller's choices by logistic regression on (Δgold, Δwords) of a random orientation of
+    each pair: the weights it used to draw them (module docstring of data/tiny/prepare.py)."""
+    spec = json.loads((data / "gold.json").read_text())
     rng = np.random.default_rng(0)
     x, y = [], []
-    for r in rows(task / "pref_train.jsonl"):
+    for r in rows(data / "pref_train.jsonl"):
         a, b = (r["chosen"], r["rejected"]) if rng.random() < 0.5 else (r["rejected"], r["chosen"])
         x.append([gold_reward(r["prompt"], a, spec) - gold_reward(r["prompt"], b, spec),
                   len(a.split()) - len(b.split())])
@@ -68,23 +74,47 @@ def test_the_labeller_prefers_length_beyond_the_gold_reward(task):
     for _ in range(25):  # Newton's method on the logistic log-likelihood
         p = 1 / (1 + np.exp(-x @ w))
         w += np.linalg.solve((x * (p * (1 - p))[:, None]).T @ x, x.T @ (y - p))
-    gold_weight, length_weight = w
-    assert 2.0 < gold_weight < 4.0
-    assert 0.25 < length_weight < 0.75
+    return w
 
 
-def test_quick_study_end_to_end(tmp_path):
-    out = tmp_path / "study"
-    done = subprocess.run(["bash", ROOT / "scripts/tiny_study.sh", out, "--quick"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["sft"]) == {"win_rate", "win_rate_se"}
-    assert {p["loss"] for p in summary["points"]} == {"dpo", "ipo", "slic"}
-    assert len(summary["points"]) == 3 * 3  # three checkpoints of each run
-    for p in summary["points"]:
-        assert {"loss", "beta", "fraction", "win_rate", "win_rate_se", "kl", "length"} <= set(p)
-        assert 0 <= p["win_rate"] <= 1 and p["kl"] > -1
-    for loss, fit in summary["fits"].items():
-        assert {"alpha", "beta", "rmse", "rmse_quadratic_kl"} <= set(fit)
-    for fig in ("fig1_winrate_vs_sqrt_kl", "fig2_training_dynamics", "fig4_eval_metrics", "fig5_forward_kl"):
-        assert (out / "fit" / f"{fig}.png").stat().st_size > 1000
+def test_the_pairs_follow_the_aligned_labeller(task):
+    gold_weight, length_weight = labeller_weights(task)
+    assert 2.0 < gold_weight < 4.0 and 0.25 < length_weight < 0.75  # drawn with 3 and 0.5
+
+
+def test_the_length_labeller_draws_its_pairs(tmp_path):
+    out = tmp_path / "data"
+    subprocess.run([sys.executable, ROOT / "data/tiny/prepare.py", "--out-dir", out, "--sft-examples", "10",
+                    "--pref-examples", "4000", "--eval-pairs", "10", "--eval-prompts", "5", "--labeller", "length",
+                    "--no-byte-fallback"], check=True, capture_output=True)
+    gold_weight, length_weight = labeller_weights(out)
+    assert 2.0 < gold_weight < 4.0 and 1.1 < length_weight < 1.9  # drawn with 3 and 1.5
+    from tokenizer import load_tokenizer
+    assert load_tokenizer(out / "models/tiny-m").vocab_size == 43  # no byte fallback
+
+
+PROMPT = "POST: rent really job just exam so very maybe TLDR:"
+SPECS = {name: {"important": ["rent", "job", "exam", "car"], "gold_scale": 3.0, "length_bias": bias}
+         for name, bias in (("aligned", 0.5), ("length", 1.5))}
+
+
+def test_the_aligned_labellers_optimum_is_the_golds():
+    """Over every response of up to 4 words from the post's words and an outside word, the aligned
+    labeller's best responses are exactly the gold reward's: the three important words, nothing else."""
+    words = PROMPT.split()[1:-1] + ["car"]
+    responses = {" ".join(c) for n in range(5) for c in itertools.product(words, repeat=n)}
+    def best(score):
+        scores = {r: score(r) for r in responses}
+        top = max(scores.values())
+        return {r for r, v in scores.items() if v == top}
+    gold_best = best(lambda r: gold_reward(PROMPT, " " + r, SPECS["aligned"]))
+    assert gold_best == {" ".join(p) for p in itertools.permutations(["rent", "job", "exam"])}
+    assert best(lambda r: round(proxy_reward(PROMPT, " " + r, SPECS["aligned"]), 9)) == gold_best
+
+
+def test_the_length_labeller_prefers_the_padded_summary_the_gold_ranks_lower():
+    short, padded = " rent job exam", " rent job exam really just so very"
+    assert gold_reward(PROMPT, short, SPECS["length"]) > gold_reward(PROMPT, padded, SPECS["length"])
+    assert proxy_reward(PROMPT, padded, SPECS["length"]) > proxy_reward(PROMPT, short, SPECS["length"])
+    assert proxy_reward(PROMPT, short, SPECS["aligned"]) > proxy_reward(PROMPT, padded, SPECS["aligned"])
+
