@@ -93,8 +93,7 @@ def worker(variant, n_pairs, steps, model_name, max_length):
     policy.activation_checkpointing = variant == "shared+ckpt"
     ref = training.freeze(GPTNeoX(PYTHIA[model_name]))
     ref.load_state_dict(policy.state_dict())
-    args = SimpleNamespace(optimizer="rmsprop", lr=5e-7, warmup=150, max_grad_norm=10.0, out="-", beta=0.1,
-                           loss="dpo", length_alpha=0.0)
+    args = daa.get_parser().parse_args(["--init", "-", "--out", "-"])  # daa.py's defaults: DPO, β 0.1, RMSprop, App. B
     env = SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cpu"), autocast=nullcontext)
     optimizer = training.make_optimizer(args, policy)
     # Gradients stay allocated between steps, as DDP keeps them in its buckets (gradient_as_bucket_view):
