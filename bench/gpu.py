@@ -73,8 +73,7 @@ def daa_step(shared, checkpointing, peak_tflops, n_pairs=8, steps=3):
     policy = GPTNeoX(PYTHIA["pythia-1b"]).cuda()
     policy.activation_checkpointing = checkpointing
     ref = training.freeze(GPTNeoX(PYTHIA["pythia-1b"]).cuda())
-    args = SimpleNamespace(optimizer="rmsprop", lr=5e-7, warmup=150, max_grad_norm=10.0, out="-", beta=0.1,
-                           loss="dpo", length_alpha=0.0)
+    args = daa.get_parser().parse_args(["--init", "-", "--out", "-"])  # daa.py's defaults: DPO, β 0.1, RMSprop, App. B
     env = SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cuda"), autocast=BF16)
     optimizer = training.make_optimizer(args, policy)
     loss_fn = daa.make_loss_fn(args, daa.make_reference(ref, {}, env))

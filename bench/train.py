@@ -19,8 +19,7 @@ those steps minus the RSS before them: what the step needs on top of weights, gr
 activations and temporaries, which the variants change. MALLOC_MMAP_THRESHOLD_=131072 makes glibc return freed large buffers to the OS, so
 RSS follows live memory instead of the allocator's high-water mark.
 
-    python bench/train.py                # the four variants once: about 4 minutes on a loaded 2-core box
-    python bench/train.py --repeats 2    # interleaved twice, best of each (the table in docs/training.md)
+    python bench/train.py     # 2 minutes on a quiet 2-core machine, 8 on a loaded one (docs/training.md's table)
     python bench/train.py --model pythia-410m --variants shared shared+ckpt     # memory per size
 """
 import argparse
@@ -94,8 +93,7 @@ def worker(variant, n_pairs, steps, model_name, max_length):
     policy.activation_checkpointing = variant == "shared+ckpt"
     ref = training.freeze(GPTNeoX(PYTHIA[model_name]))
     ref.load_state_dict(policy.state_dict())
-    args = SimpleNamespace(optimizer="rmsprop", lr=5e-7, warmup=150, max_grad_norm=10.0, out="-", beta=0.1,
-                           loss="dpo", length_alpha=0.0)
+    args = daa.get_parser().parse_args(["--init", "-", "--out", "-"])  # daa.py's defaults: DPO, β 0.1, RMSprop, App. B
     env = SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cpu"), autocast=nullcontext)
     optimizer = training.make_optimizer(args, policy)
     # Gradients stay allocated between steps, as DDP keeps them in its buckets (gradient_as_bucket_view):
@@ -126,7 +124,7 @@ def main():
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (one micro-batch)")
     p.add_argument("--max-length", type=int, default=512, help="daa.py's truncation (App. B)")
     p.add_argument("--steps", type=int, default=1, help="timed steps per variant")
-    p.add_argument("--repeats", type=int, default=1, help="alternate the variants this many times; best time kept")
+    p.add_argument("--repeats", type=int, default=2, help="alternate the variants this many times; best time kept")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="which to run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

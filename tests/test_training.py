@@ -223,3 +223,33 @@ def test_ddp_and_fsdp_equal_one_process_with_accumulation(tmp_path):
         ev1 = json.loads((tmp_path / "one" / "latest" / "eval.json").read_text())
         assert ev["eval/examples"] == ev1["eval/examples"] == 8
         assert ev["eval/loss"] == pytest.approx(ev1["eval/loss"], rel=1e-4)
+
+
+def test_process_group_timeout_is_the_flag(monkeypatch):
+    """--dist-timeout reaches init_process_group: NCCL's 10 minutes are shorter than rank 0 writing a large checkpoint."""
+    seen = {}
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend, timeout: seen.update(b=backend, t=timeout))
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = training.add_args(argparse.ArgumentParser(), checkpoints=1).parse_args(["--out", "x", "--device", "cpu"])
+    env = training.setup(args)
+    assert seen == {"b": "gloo", "t": training.timedelta(minutes=180)} and env.owns_group
+    training.setup(argparse.Namespace(**{**vars(args), "dist_timeout": 5}))
+    assert seen["t"].total_seconds() == 300
+
+
+def test_wrap_ddp_grads_in_buckets_fsdp_bf16_policy(monkeypatch):
+    """DDP keeps gradients as views into its buckets (4 B/param less); FSDP under bf16 gathers bf16, reduces fp32."""
+    calls = []
+    monkeypatch.setattr(training, "DDP", lambda model, **kw: calls.append(kw) or model)
+    monkeypatch.setattr(training, "fully_shard", lambda module, mp_policy: calls.append(mp_policy))
+    model = GPTNeoX(TINY)
+    env = SimpleNamespace(world=2, device=torch.device("cpu"), dtype="bfloat16")
+    assert training.wrap(model, env, fsdp=False, checkpointing=True) is model and model.activation_checkpointing
+    assert calls.pop() == {"device_ids": None, "gradient_as_bucket_view": True}
+    training.wrap(model, env, fsdp=True)
+    assert len(calls) == TINY.num_hidden_layers + 1 and not model.activation_checkpointing
+    assert all((p.param_dtype, p.reduce_dtype) == (torch.bfloat16, torch.float32) for p in calls)
+    calls.clear()
+    training.wrap(model, SimpleNamespace(**{**vars(env), "dtype": "float32"}), fsdp=True)
+    assert all(p.param_dtype is None for p in calls)  # float32 runs: no casting
