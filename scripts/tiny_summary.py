@@ -71,7 +71,7 @@ def sft_points(rows):
     out = {}
     for model, rs in by_model.items():
         win, se = mean_se([r["win_rate"] for r in rs], [num(r, "win_rate_se") for r in rs])
-        out[model] = {"win_rate": win, "win_rate_se": se, "n_seeds": len(rs),
+        out[model] = {"win_rate": win, "win_rate_se": se, "n_seeds": len(rs), "params": num(rs[0], "params"),
                       **{k: float(np.mean([num(r, k) for r in rs])) for k in MEANS if k != "win_rate"}}
     return out
 
@@ -212,6 +212,54 @@ def findings(points, sft, fits, model):
     return [{"finding": f, "measured": m, "verdict": v} for f, m, v in rows]
 
 
+def increasing(values):
+    return all(a < b for a, b in zip(values, values[1:]))
+
+
+def scaling_findings(points, sft_models, main):
+    """Model size (§3.1, §3.3) across the sizes, smallest first, and the regularised arms at `main` (Fig. 3 left)."""
+    rows = []
+    plain = [p for p in points if p["series"] == p["loss"]]
+    models = sorted({p["model"] for p in plain}, key=lambda m: next(p["params"] for p in plain if p["model"] == m))
+    if len(models) > 1:
+        losses = sorted({p["loss"] for p in plain})
+        best = {(m, l): max((p for p in plain if (p["model"], p["loss"]) == (m, l)), key=lambda p: p["win_rate"])
+                for m in models for l in losses}
+        rows.append(("Larger models reach a higher peak win rate (§3.1)",
+                     "; ".join(f"{l}: " + " < ".join(f"{m} {best[m, l]['win_rate']:.3f}" for m in models)
+                               for l in losses),
+                     verdict([increasing([best[m, l]["win_rate"] for m in models]) for l in losses])))
+        final = {(m, l, p["beta"]): p["kl"] for p in plain if p["fraction"] == 1.0 for m, l in [(p["model"], p["loss"])]}
+        shared = {l: sorted(b for (m, l2, b) in final if l2 == l and all((m2, l, b) in final for m2 in models))
+                  for l in losses}
+        rows.append(("Smaller models reach higher KL at equal β (§3.1: the 1B model's much higher KL)",
+                     "; ".join(f"{l} β {b:g}: " + " / ".join(f"{final[m, l, b]:.2f}" for m in models)
+                               for l in losses for b in shared[l][:3]),
+                     verdict([increasing([final[m, l, b] for m in reversed(models)]) for l in losses for b in shared[l]])))
+        rows.append(("Smaller models over-optimize sooner: their best checkpoint sits at lower KL (§3.1)",
+                     "; ".join(f"{l}: " + " / ".join(f"{m} {best[m, l]['kl']:.2f}" for m in models) for l in losses),
+                     verdict([increasing([best[m, l]["kl"] for m in models]) for l in losses])))
+        r2 = {m: float(np.nanmean([p["length_r2"] for p in plain if p["model"] == m])) for m in models}
+        rows.append(("Weaker models extrapolate more on length: higher R² of Eq. 6 (§3.3, Fig. 3 right)",
+                     "mean R² over all checkpoints: " + " / ".join(f"{m} {r2[m]:.2f}" for m in models),
+                     verdict([increasing([r2[m] for m in reversed(models)])], list(r2.values()))))
+    sft = sft_models[main]
+    base = [p for p in points if p["model"] == main and p["series"] == "dpo"]
+    for name in sorted({p["series"] for p in points if p["model"] == main and p["series"] != p["loss"]}):
+        if not base:
+            break
+        h, h0 = hump([p for p in points if p["model"] == main and p["series"] == name], sft), hump(base, sft)
+        claim = ("length-regularised DPO changes the frontier but still over-optimizes (Fig. 3 left, §3.3)"
+                 if "+len" in name else "RPO's SFT term regularises DPO against over-optimization (RPO, not the paper)")
+        rows.append((f"{name} against dpo at {main}: {claim}",
+                     f"{name}: best {fmt_point(h['best'])}, at highest KL {h['highest_kl']['kl']:.1f} → "
+                     f"{h['highest_kl']['win_rate']:.3f} (drop {h['drop'] / h['drop_se']:.1f} SE); dpo: best "
+                     f"{fmt_point(h0['best'])}, at highest KL {h0['highest_kl']['kl']:.1f} → "
+                     f"{h0['highest_kl']['win_rate']:.3f} (drop {h0['drop'] / h0['drop_se']:.1f} SE)",
+                     verdict([h["falls"]]) if "+len" in name else verdict([not h["falls"]])))
+    return [{"finding": f, "measured": m, "verdict": v} for f, m, v in rows]
+
+
 # ---------------------------------------------------------------- summary.md
 
 def md_table(header, rows):
@@ -251,6 +299,14 @@ def markdown(summary, model):
                       if n in {p["series"] for p in pts}]), "", "## The paper's findings in miniature", ""]
     out += [md_table(["finding (paper)", "measured", "verdict"],
                      [[f["finding"], f["measured"], f["verdict"]] for f in summary["findings"]])]
+    if summary["scaling_findings"]:
+        sizes = sorted(summary["sft_models"].items(), key=lambda kv: kv[1]["params"])
+        out += ["", "## Model size and the regularised arms", "",
+                md_table(["model", "parameters", "seeds", "SFT win rate", "SFT words"],
+                         [[m, f"{s['params']:,.0f}", s["n_seeds"], f"{s['win_rate']:.3f} ± {s['win_rate_se']:.3f}",
+                           f"{s['length_words']:.2f}"] for m, s in sizes]), "",
+                md_table(["finding", "measured", "verdict"],
+                         [[f["finding"], f["measured"], f["verdict"]] for f in summary["scaling_findings"]])]
     return "\n".join(out) + "\n"
 
 
@@ -273,7 +329,8 @@ def main(out):
     summary = {"task": {k: spec.get(k) for k in ("labeller", "gold_scale", "length_bias")},
                "sft": {"win_rate": sft["win_rate"], "win_rate_se": sft["win_rate_se"]}, "sft_models": sft_models,
                "runs": runs, "points": points, "beta_control": beta_control([p for p in points if p["model"] == model]),
-               "findings": findings(points, sft, fits, model)}
+               "findings": findings(points, sft, fits, model),
+               "scaling_findings": scaling_findings(points, sft_models, model)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_atomic(out / "summary.md", markdown(summary, model))
     print(markdown(summary, model))

@@ -173,6 +173,32 @@ def test_second_seed(quick):
             assert all((home / run / f"judgments-{c.name}.summary.json").is_file() for c in ckpts)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 2 * 3 * 3 and {p["n_seeds"] for p in summary["points"]} == {2}
+    for p in summary["points"]:  # a point is the mean of its two seeds' rows
+        rows = [r for r in summary["runs"] if (r["loss"], r["beta"], r["fraction"]) == (p["loss"], p["beta"], p["fraction"])]
+        assert sorted(r["seed"] for r in rows) == [0, 1]
+        assert p["win_rate"] == pytest.approx(sum(r["win_rate"] for r in rows) / 2)
+        assert p["kl"] == pytest.approx(sum(r["kl"] for r in rows) / 2)
     first_loss = [json.loads((out / "tiny-m" / f"s{s}" / "sft" / "metrics.jsonl").read_text().splitlines()[0])
                   ["loss"] for s in (0, 1)]
     assert first_loss[0] != first_loss[1]  # another initialisation and data order
+
+
+def test_scaling_quick_adds_the_sizes_and_both_arms(quick):
+    """Issue 14's plumbing: --scaling runs three sizes, each with its own SFT reference, and the
+    length-regularised and RPO arms of DPO at the middle size; summary.json carries all of them."""
+    out, _ = quick
+    study("tiny_study.sh", out, "--quick", "--scaling")
+    summary = json.loads((out / "summary.json").read_text())
+    params = {m: s["params"] for m, s in summary["sft_models"].items()}
+    assert set(params) == {"tiny-s", "tiny-m", "tiny-l"} and params["tiny-l"] >= 8 * params["tiny-s"]
+    for size in params:
+        ref = json.loads((out / size / "s0" / "dpo-0.1" / "args.json").read_text())["init"]
+        assert Path(ref) == out / size / "s0" / "sft"
+    series = {(p["model"], p["series"]) for p in summary["points"]}
+    assert {("tiny-m", "dpo+len0.5"), ("tiny-m", "dpo+nll1")} <= series
+    assert not any(s.startswith("dpo+") for m, s in series if m != "tiny-m")
+    arms = {p["series"]: p for p in summary["points"] if p["series"].startswith("dpo+")}
+    assert arms["dpo+len0.5"]["length_alpha"] == 0.5 and arms["dpo+nll1"]["nll_alpha"] == 1
+    found = " ".join(f["finding"] for f in summary["scaling_findings"])
+    assert "Larger models" in found and "dpo+len0.5" in found and "dpo+nll1" in found
+    assert "## Model size and the regularised arms" in (out / "summary.md").read_text()

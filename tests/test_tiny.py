@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import itertools
+import math
 
 from judge import gold_reward, judge_gold, proxy_reward
 
@@ -118,3 +119,18 @@ def test_the_length_labeller_prefers_the_padded_summary_the_gold_ranks_lower():
     assert proxy_reward(PROMPT, padded, SPECS["length"]) > proxy_reward(PROMPT, short, SPECS["length"])
     assert proxy_reward(PROMPT, short, SPECS["aligned"]) > proxy_reward(PROMPT, padded, SPECS["aligned"])
 
+
+
+def test_summary_points_pool_seeds_and_combine_both_errors():
+    """tiny_summary's docstring: win_rate_se² = (var over seeds + mean squared prompt SE) / n."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tiny_summary
+    row = lambda seed, win, se, kl: {"model": "tiny-m", "loss": "dpo", "beta": 0.1, "fraction": 1.0, "seed": seed,
+                                     "win_rate": win, "win_rate_se": se, "kl": kl, "length_alpha": 0.0}
+    runs = [row(0, 0.5, 0.02, 1.0), row(1, 0.6, 0.03, 3.0), row(2, 0.7, 0.02, 2.0),
+            dict(row(0, 0.4, 0.02, 5.0), length_alpha=0.5)]  # another series: not pooled with the others
+    plain, arm = sorted(tiny_summary.mean_points(runs), key=lambda p: p["series"])
+    assert (plain["series"], plain["n_seeds"], arm["series"], arm["n_seeds"]) == ("dpo", 3, "dpo+len0.5", 1)
+    assert plain["win_rate"] == pytest.approx(0.6) and plain["kl"] == pytest.approx(2.0) and plain["kl_sd"] == 1.0
+    assert plain["win_rate_se"] == pytest.approx(math.sqrt((0.01 + (0.02**2 + 0.03**2 + 0.02**2) / 3) / 3))
+    assert arm["win_rate_se"] == pytest.approx(0.02)  # one seed: the prompt SE alone
