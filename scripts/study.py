@@ -400,11 +400,12 @@ def sft_cost(S, model):
 
 
 def daa_cost(S, model):
-    """The policy's forward and backward on chosen and rejected (two sequences), π_ref's forward on them,
-    and the forwards of π and π_ref on the held-out pairs at every checkpoint (2 per parameter and token)."""
-    P, n, seq = S.plan, S.params[model], S.tokens["prompt"] + S.tokens["response"]
-    forwards = 2 * P["pref_examples"] + 4 * P["eval_examples"] * P["checkpoints"]
-    return {"model": model, "train": 6 * n * 2 * P["pref_examples"] * seq + 2 * n * forwards * seq}
+    """The policy's forward and backward on each pair, π_ref's forward on it, and the forwards of π and π_ref
+    on the held-out pairs at every checkpoint (2 per parameter and token). A pair is one prefix-shared row,
+    prompt + chosen + rejected (daa.py's default)."""
+    P, n, row = S.plan, S.params[model], S.tokens["prompt"] + 2 * S.tokens["response"]
+    forwards = P["pref_examples"] + 2 * P["eval_examples"] * P["checkpoints"]
+    return {"model": model, "train": 6 * n * P["pref_examples"] * row + 2 * n * forwards * row}
 
 
 def sample_cost(S, model, n_checkpoints):
@@ -432,8 +433,8 @@ def estimate(total, by_model, S):
             f"judge: {n_judge:,} judgments ≈ ${cost:,.0f}",
             f"# assumed: training 6·N FLOPs per token (forward + backward), reference, evaluation and sampling "
             f"forwards 2·N (sampling: generation, then policy and reference scoring); {T['prompt']} prompt, "
-            f"{T['response']} response and {T['sample']} sample tokens per example; chosen and rejected as two "
-            f"sequences; {GPU['name']} {GPU['peak'] / 1e12:.0f} TFLOP/s at {MFU['train']:.0%} MFU for training, "
+            f"{T['response']} response and {T['sample']} sample tokens per example; a pair as one prefix-shared "
+            f"row; {GPU['name']} {GPU['peak'] / 1e12:.0f} TFLOP/s at {MFU['train']:.0%} MFU for training, "
             f"{MFU['sample']:.0%} for sampling; judge {T['judge_in']} input + {T['judge_out']} output tokens at "
             f"{JUDGE_PRICE['model']}'s ${JUDGE_PRICE['in'] * 1e6:g} / ${JUDGE_PRICE['out'] * 1e6:g} per 1M tokens"]
 
