@@ -72,7 +72,10 @@ TINY = {
 PAPER = {
     "sizes": ["pythia-1b", "pythia-2.8b", "pythia-6.9b"],
     "nproc": {"pythia-1b": 2, "pythia-2.8b": 4, "pythia-6.9b": 4},  # App. B: 2 A40, 4 A40, 4 A100
-    "fsdp": ["pythia-6.9b", "pythia-12b"],  # DDP cannot hold their 16 bytes per parameter on one GPU
+    # DDP holds 16 bytes per parameter on every GPU (fp32 weights, gradients, RMSprop state, the live
+    # reference): 45 GB at 2.8B, more than an A40's 48 GB leaves beside activations; 110 GB at 6.9B.
+    # FSDP over 4 GPUs: 11 and 28 GB each. 1B under DDP: 16 GB + about 5 GB for 8 shared pairs in bf16.
+    "fsdp": ["pythia-2.8b", "pythia-6.9b", "pythia-12b"],
     "grad_accum": 8,  # App. B: "batch size of 128 (8 gradient accumulation steps)"
     # The paper uses seven β per loss but does not list them: this grid is ours, the same for all
     # three losses so that §3.1's "IPO reaches lower KL at equal β" can be checked.
