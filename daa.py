@@ -18,7 +18,8 @@ h* = 1/(2β); Eq. 4 read literally, g(βh) = (βh − 1)², puts it at h* = 1/β
 its β = 0.2 has the minimiser of our β = 0.1); TRL's "ipo" also averages
 log-probs over tokens, which --average-logps reproduces. --nll-alpha A adds
 A × the per-token negative log-likelihood of the chosen response to any of the
-three (RPO, Pang et al. 2024).
+three (RPO: "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
+Adversarial Regularizer", 2024; the per-token mean, as TRL's rpo_alpha).
 """
 import argparse
 import sys

@@ -235,7 +235,7 @@ class GPTNeoX(nn.Module):
         With `activation_checkpointing` set, forwards under grad keep only each block's input and
         recompute the block in backward (non-reentrant torch.utils.checkpoint: DDP and FSDP work).
         """
-        c, (B, T) = self.config, idx.shape
+        c, T = self.config, idx.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and past + T > kv_cache.k.shape[3]:
             raise ValueError(f"KV cache holds {kv_cache.k.shape[3]} positions; {past} used, {T} more requested")
@@ -338,13 +338,17 @@ class GPTNeoX(nn.Module):
 IGNORED_KEYS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 
 
+def unreadable(path, error):
+    """The one-line error for a corrupt or truncated safetensors file (weights or optimizer state)."""
+    return ValueError(f"{path} is not a readable safetensors file ({error}): it is corrupt or truncated; "
+                      "delete it and write or download it again")
+
+
 def _load_weights(path):
-    """A safetensors file's tensors; a corrupt or truncated file is one line naming it."""
     try:
         return load_file(path)
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is corrupt or truncated; "
-                         "delete it and write or download it again") from None
+        raise unreadable(path, e) from None
 
 
 def _check_state(model, state, where):

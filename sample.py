@@ -21,6 +21,7 @@ means to `samples-<ckpt>.summary.json`.
     torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ... --num-prompts 256   # sharded, one file
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -115,12 +116,31 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
 
 def response_token_ids(data_dir, tok):
     """Every token id that occurs in a training response: SFT responses and both responses of the
-    training pairs, each with its EOS, as training.encode scores them. Read once per sample.py run."""
+    training pairs, each with its EOS, as training.encode scores them. Computed once per data
+    directory and tokenizer, then read from a cache file beside the data."""
     data_dir = Path(data_dir)
+    vocab = hashlib.sha256(repr(sorted((i, tok.enc.decode_single_token_bytes(i)) for i in tok.ids)).encode())
+    cache = data_dir / f"response_token_ids-{vocab.hexdigest()[:16]}.json"
+    if cache.is_file():
+        return set(json.loads(cache.read_text()))
     texts = [r["response"] for r in training.read_jsonl(data_dir / "sft_train.jsonl", ("response",))]
     for r in training.read_jsonl(data_dir / "pref_train.jsonl", ("chosen", "rejected")):
         texts += [r["chosen"], r["rejected"]]
-    return {tok.eos_id}.union(*(tok.encode(t) for t in set(texts)))
+    ids = {tok.eos_id}.union(*(tok.encode(t) for t in set(texts)))
+    try:
+        training.write_atomic(cache, json.dumps(sorted(ids)) + "\n")
+    except OSError:
+        pass  # a read-only data directory: computed again next time
+    return ids
+
+
+def read_gold_spec(path):
+    """The miniature's gold.json: the gold reward's important words and the labeller's weights."""
+    spec = json.loads(Path(path).read_text())
+    missing = [k for k in ("important", "gold_scale", "length_bias") if k not in spec]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: prepare the data again with data/tiny/prepare.py")
+    return spec
 
 
 def add_diagnostics(row, seen_ids, gold_spec):
@@ -204,6 +224,8 @@ def main(argv=None):
     ckpts = [training.model_dir(c).resolve() for c in args.ckpt]  # a run directory's `latest` -> its ckpt-<examples>
     if args.out and len(ckpts) > 1:
         raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
     device = env.device
     outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}.jsonl" for c in ckpts]
@@ -231,7 +253,7 @@ def main(argv=None):
         if not e:
             raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
     seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
-    gold_spec = json.loads(Path(args.gold_spec).read_text()) if args.gold_spec else None
+    gold_spec = read_gold_spec(args.gold_spec) if args.gold_spec else None
     diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
     for ckpt, out in zip(ckpts, outs):
         policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)

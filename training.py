@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import download
 from download import cache_dir
-from model import Config, GPTNeoX
+from model import Config, GPTNeoX, unreadable
 
 IGNORE = -100  # label of prompt and padding positions (logprobs.py gives them log-prob 0)
 FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device",  # the math stays the same
@@ -206,7 +206,7 @@ def collate(seqs, pad_id, device):
     for i, (x, y) in enumerate(seqs):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
-            "tokens": mask.sum()}
+            "tokens": mask.sum().to(device)}  # on the device, as the statistics train_step sums it with
 
 
 def make_plan(args, env, n_examples):
@@ -492,11 +492,14 @@ def save_optimizer(optim_state, path):
 
 def read_optimizer(path):
     state = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        for key in f.keys():
-            name, k = key.rsplit("/", 1)
-            state.setdefault(name, {})[k] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            for key in f.keys():
+                name, k = key.rsplit("/", 1)
+                state.setdefault(name, {})[k] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise unreadable(path, e) from None
     for key, v in json.loads(meta["scalars"]).items():
         name, k = key.rsplit("/", 1)
         state.setdefault(name, {})[k] = v

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FIXTURES = ROOT / "tests" / "fixtures"
+from data.tldr.prepare import FORMAT  # noqa: E402  (the TL;DR prompt, as data/tldr/prepare.py writes it)
 VARIANTS = {"full": "full logits", "fused": "fused", "shared": "fused + shared", "shared+ckpt": "+ checkpointing"}
 
 
@@ -52,7 +53,7 @@ def tldr_pairs():
     pairs = []
     for c in rows:
         info, texts = c["info"], [s["text"] for s in c["summaries"]]
-        prompt = f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
+        prompt = FORMAT.format(subreddit=info["subreddit"], title=info["title"], post=info["post"])
         pairs.append({"prompt": prompt, "chosen": texts[c["choice"]], "rejected": texts[1 - c["choice"]]})
     return pairs
 

@@ -29,10 +29,10 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import torch  # noqa: E402
 
 import training  # noqa: E402
-from model import PYTHIA, Config, GPTNeoX  # noqa: E402
+from fit import n_params  # noqa: E402
+from model import PYTHIA  # noqa: E402
 
 # The miniature: a tiny GPT-NeoX trained from scratch on data/tiny, judged by its gold reward. All its
 # settings live here. DAA as App. B (RMSprop, linear warmup then constant, one epoch, 4 checkpoints),
@@ -52,7 +52,7 @@ TINY = {
               "slic": [0.1, 0.15, 0.2, 0.3, 0.5, 1.0]},
     "arms": [],  # extra DAA runs: {"suffix", "loss", "flags" (daa.py), "models"}, at the loss's β grid
     "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n
-    "quick": {  # --quick: plumbing in about a minute per seed
+    "quick": {  # --quick: plumbing in about half a minute per seed
         "sft_examples": 2000, "pref_examples": 1024, "eval_prompts": 64, "checkpoints": 3,
         "warmup": 4, "eval_examples": 128,  # 16 DAA steps
         "betas": {"dpo": [0.1], "ipo": [0.1], "slic": [0.1]},
@@ -151,7 +151,7 @@ def paper(args):
         runs=runs(args.sizes, cfg["betas"], []),
         sample_flags=["--num-prompts", cfg["eval_prompts"], "--train-data", data],  # torchrun takes --n as its own
         judge_flags=[], summary=None, env={}, judge_slot="api", slots={"api": 2},  # judging beside the GPU jobs
-        params={m: count_params(PYTHIA[m]) for m in args.sizes},
+        params={m: n_params(PYTHIA[m].to_dict()) for m in args.sizes},
         plan={k: cfg[k] for k in PLAN}, tokens=cfg["tokens"])
 
 
@@ -168,15 +168,10 @@ def runs(models, betas, arms):
     return out
 
 
-def count_params(config):
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPTNeoX(config).parameters())
-
-
 def tiny_params(model_dir):
     """Parameters of a miniature model, from the config.json prepare.py wrote; NaN before it ran."""
     path = Path(model_dir) / "config.json"
-    return count_params(Config.from_dict(json.loads(path.read_text()))) if path.is_file() else math.nan
+    return n_params(json.loads(path.read_text())) if path.is_file() else math.nan
 
 
 # ---------------------------------------------------------------- what is done, on disk
@@ -444,16 +439,19 @@ def estimate(total, by_model, S):
 
 # ---------------------------------------------------------------- main
 
-def check_prepared(S):
-    """OUT/study.json records the prepare command: a re-run whose data flags differ refuses."""
-    path = S.out / "study.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())["prepare"]
-    new = [str(a) for a in S.prepare]
-    if old != new:
-        raise ValueError(f"{S.data} was prepared by `{shlex.join(old)}`, not `{shlex.join(new)}` "
-                         "(other --quick/--labeller/data flags): use a new OUT")
+def check_prepared(S, dry_run):
+    """OUT/study.json records the prepare command, written before prepare runs: a re-run whose data
+    flags differ from those of the data on disk refuses instead of mixing them."""
+    path, new = S.out / "study.json", [str(a) for a in S.prepare]
+    if S.data.is_dir():
+        old = json.loads(path.read_text())["prepare"] if path.is_file() else None
+        if old != new:
+            made = f"`{shlex.join(old)}`" if old else "an unknown command (no study.json)"
+            raise ValueError(f"{S.data} was prepared by {made}, not `{shlex.join(new)}` "
+                             "(other --quick/--labeller/data flags): use a new OUT")
+    elif not dry_run:
+        S.out.mkdir(parents=True, exist_ok=True)
+        training.write_atomic(path, json.dumps({"prepare": new}) + "\n")
 
 
 def get_parser():
@@ -466,7 +464,7 @@ def get_parser():
                         "(sft.py/daa.py --seed: data order and initialisation; default %(default)s)")
     sub = p.add_subparsers(dest="preset", required=True)
     t = sub.add_parser("tiny", parents=[common], help="the offline miniature (scripts/tiny_study.sh)")
-    t.add_argument("--quick", action="store_true", help="tiny data, one β per loss: plumbing in about a minute")
+    t.add_argument("--quick", action="store_true", help="tiny data, one β per loss: plumbing in about half a minute")
     t.add_argument("--scaling", action="store_true", help="three model sizes, plus the length-regularised and "
                    "the RPO (--nll-alpha) DPO arms at the middle size")
     t.add_argument("--labeller", default=None, help="data/tiny/prepare.py --labeller NAME")
@@ -491,14 +489,12 @@ def main(argv=None):
     out = args.out.resolve()
     args.out = Path(os.path.relpath(out, ROOT)) if out.is_relative_to(ROOT) else out  # commands run from ROOT
     S = (tiny if args.preset == "tiny" else paper)(args)
-    check_prepared(S)
+    check_prepared(S, args.dry_run)
     jobs = build(S, range(args.seeds))
     if args.dry_run:
         return dry_run(jobs, S)
-    t0, fresh = time.time(), not S.data.is_dir()
+    t0 = time.time()
     failed = execute(jobs, S, args.jobs)
-    if fresh and S.data.is_dir():
-        training.write_atomic(S.out / "study.json", json.dumps({"prepare": [str(a) for a in S.prepare]}) + "\n")
     if failed:
         raise RuntimeError(f"{len(failed)} stage(s) failed ({', '.join(s.label for s in failed)}); "
                            "fix the cause and re-run the same command: finished stages are skipped")

@@ -332,6 +332,29 @@ def test_prefix_shared_pairs_equal_two_rows_in_float64(tok, cfg, max_length):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+def test_precomputed_reference_is_the_same_from_shared_and_two_row_pairs(tok):
+    """--precompute-ref's table of π_ref log-probs, built from one-row and from two-row batches, in float64:
+    equal to 1e-10, and each layout's lookup gives what a live reference computes on it."""
+    from types import SimpleNamespace
+    from contextlib import nullcontext
+    from model import Config, GPTNeoX
+    torch.manual_seed(1)
+    ref = GPTNeoX(Config(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).double().eval()
+    env = SimpleNamespace(autocast=nullcontext, main=False)
+    batches = {s: [daa.pair_batch(tok, PAIRS, idx, "train", 40, "cpu", shared=s) for idx in ([0, 1], [2, 3])]
+               for s in (True, False)}
+    tables = {s: daa.precompute(ref, b, len(b), env) for s, b in batches.items()}
+    assert tables[True].keys() == tables[False].keys() == {("train", i) for i in range(4)}
+    for key in tables[True]:
+        assert tables[True][key] == pytest.approx(tables[False][key], abs=1e-10, rel=0)
+    for shared, table in tables.items():
+        lookup, live = daa.make_reference(None, table, env), daa.make_reference(ref, {}, env)
+        for batch in batches[shared]:
+            for a, b in zip(lookup(batch), live(batch)):
+                torch.testing.assert_close(a, b.to(a.dtype), atol=1e-10, rtol=0)
+
+
 def test_prefix_shared_mask_positions_and_labels(tok):
     """The rules, read off the batch: rejected sees the prompt and itself, never chosen; its positions
     restart where the prompt ends; the prompt's last position predicts both responses' first token."""

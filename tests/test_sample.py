@@ -250,6 +250,8 @@ def test_ood_token_rate_is_exact_on_a_hand_built_set(tmp_path):
                                                            "rejected": " the"}) + "\n")
     seen = sample.response_token_ids(tmp_path, tok)
     assert seen == set(tok.encode(" the cat") + tok.encode(" a dog") + [tok.eos_id])
+    (tmp_path / "sft_train.jsonl").unlink()  # computed once: the next run reads the cache beside the data
+    assert sample.response_token_ids(tmp_path, tok) == seen and len(list(tmp_path.glob("response_token_ids-*"))) == 1
     cat, dog, new = tok.encode(" cat")[0], tok.encode(" dog")[0], tok.encode(" zebra")[0]
     assert new not in seen
     rows = [sample.add_diagnostics({"prompt": "p", "sample": "", "sample_tokens": toks}, seen, None)

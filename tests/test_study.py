@@ -159,6 +159,12 @@ def test_other_data_flags_refuse(quick):
         driver.main(["tiny", str(out), "--dry-run"])  # the full study's data flags on --quick's data
 
 
+def test_data_without_its_prepare_command_refuses(tmp_path):
+    (tmp_path / "t" / "data").mkdir(parents=True)  # as if prepared by hand, or by a run killed before study.json
+    with pytest.raises(ValueError, match="prepared by an unknown command"):
+        driver.main(["tiny", str(tmp_path / "t"), "--dry-run"])
+
+
 def test_second_seed(quick):
     out, _ = quick
     lines = study("tiny_study.sh", out, "--quick", "--seeds", "2")

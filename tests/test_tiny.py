@@ -122,7 +122,7 @@ def test_the_length_labeller_prefers_the_padded_summary_the_gold_ranks_lower():
 
 
 def test_summary_points_pool_seeds_and_combine_both_errors():
-    """tiny_summary's docstring: win_rate_se² = (var over seeds + mean squared prompt SE) / n."""
+    """tiny_summary's docstring: win_rate_se² = var over seeds / n + mean squared prompt SE."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import tiny_summary
     row = lambda seed, win, se, kl: {"model": "tiny-m", "loss": "dpo", "beta": 0.1, "fraction": 1.0, "seed": seed,
@@ -132,5 +132,5 @@ def test_summary_points_pool_seeds_and_combine_both_errors():
     plain, arm = sorted(tiny_summary.mean_points(runs), key=lambda p: p["series"])
     assert (plain["series"], plain["n_seeds"], arm["series"], arm["n_seeds"]) == ("dpo", 3, "dpo+len0.5", 1)
     assert plain["win_rate"] == pytest.approx(0.6) and plain["kl"] == pytest.approx(2.0) and plain["kl_sd"] == 1.0
-    assert plain["win_rate_se"] == pytest.approx(math.sqrt((0.01 + (0.02**2 + 0.03**2 + 0.02**2) / 3) / 3))
+    assert plain["win_rate_se"] == pytest.approx(math.sqrt(0.01 / 3 + (0.02**2 + 0.03**2 + 0.02**2) / 3))
     assert arm["win_rate_se"] == pytest.approx(0.02)  # one seed: the prompt SE alone

@@ -253,3 +253,10 @@ def test_wrap_ddp_grads_in_buckets_fsdp_bf16_policy(monkeypatch):
     calls.clear()
     training.wrap(model, SimpleNamespace(**{**vars(env), "dtype": "float32"}), fsdp=True)
     assert all(p.param_dtype is None for p in calls)  # float32 runs: no casting
+
+
+def test_corrupt_optimizer_state_is_one_line(tmp_path):
+    path = tmp_path / "optimizer.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{trunc")  # a header length, then half a header
+    with pytest.raises(ValueError, match=r"optimizer.safetensors is not a readable safetensors file .*corrupt"):
+        training.read_optimizer(path)

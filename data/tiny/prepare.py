@@ -25,7 +25,7 @@ labeller, while win rates come from a *gold* reward the judge computes exactly:
 Writes the standard prepared files (DESIGN.md), `gold.json` (the gold reward's
 important words and the labeller's weights) and `models/<size>/` for each of
 MODEL_SIZES: a tiny GPT-NeoX config plus the task's word-level tokenizer (a
-tiktoken encoding over its 43 words, plus the 256 bytes unless
+tiktoken encoding over its 42 words and EOS, plus the 256 bytes unless
 --no-byte-fallback), ready for `sft.py --model DIR/models/tiny-m`.
 """
 import argparse
