@@ -207,15 +207,18 @@ def findings(points, sft, fits, model):
                      f"{l}: {o:.3f} at the highest-KL point, r(OOD, win) {r:.2f}" for l, (o, r) in ood.items()),
                  verdict([o >= 0.05 and r < -0.5 for o, r in ood.values()])))
 
-    # The final checkpoint whose proxy reward rose most over SFT's: did its gold reward fall?
-    gp = {l: max(final[l].values(), key=lambda p: p["proxy_reward"]) for l in losses}
-    rows.append(("Proxy up, gold down (§2.2, reward mis-specification): the final checkpoint with the largest "
-                 "proxy (labeller) reward is above SFT's proxy while its gold reward is below SFT's",
+    # Among the final checkpoints whose proxy (labeller) reward rose above SFT's, the lowest gold reward.
+    gp = {}
+    for l in losses:
+        up = [p for p in final[l].values() if p["proxy_reward"] > sft["proxy_reward"]]
+        gp[l] = min(up, key=lambda p: p["gold_reward"]) if up else None
+    rows.append(("Proxy up, gold down (§2.2, reward mis-specification): a final checkpoint whose proxy (labeller) "
+                 "reward is above SFT's has a gold reward below SFT's",
                  f"SFT gold {sft['gold_reward']:.3f}, proxy {sft['proxy_reward']:.2f}; " + "; ".join(
+                     f"{l}: no final checkpoint above SFT's proxy" if p is None else
                      f"{l} β {p['beta']:g}: gold {p['gold_reward']:.3f}, proxy {p['proxy_reward']:.2f}"
                      for l, p in gp.items()),
-                 verdict([p["proxy_reward"] > sft["proxy_reward"] and p["gold_reward"] < sft["gold_reward"]
-                          for p in gp.values()])))
+                 verdict([p is not None and p["gold_reward"] < sft["gold_reward"] for p in gp.values()])))
     return [{"finding": f, "measured": m, "verdict": v} for f, m, v in rows]
 
 
