@@ -298,7 +298,7 @@ def markdown(summary, model):
            f"OOD token rate {sft['ood_token_rate']:.4f}, gold {sft['gold_reward']:.3f}, proxy "
            f"{sft['proxy_reward']:.2f}. Win rates are means over seeds ± the standard error of "
            "scripts/tiny_summary.py's docstring; KL is mean ± sd over seeds.", "",
-           "## Each run over the epoch (win rate and KL at 25 / 50 / 75 / 100 %)", ""]
+           "**Each run over the epoch (win rate and KL at 25 / 50 / 75 / 100 %)**", ""]
     rows = []
     for name in sorted({p["series"] for p in pts}):
         for beta in sorted({p["beta"] for p in pts if p["series"] == name}):
@@ -309,16 +309,16 @@ def markdown(summary, model):
                          f"{end['ood_token_rate']:.3f}", f"{end['gold_reward']:.3f}", f"{end['proxy_reward']:.2f}",
                          f"{end['length_words']:.2f}"])
     out += [md_table(["series", "β", "win rate", "KL", "SE (100 %)", "final KL", "OOD (100 %)", "gold (100 %)",
-                      "proxy (100 %)", "words (100 %)"], rows), "", "## β sets the KL budget (final checkpoints)", ""]
+                      "proxy (100 %)", "words (100 %)"], rows), "", "**β sets the KL budget (final checkpoints)**", ""]
     out += [md_table(["series", "final KL, β ascending", "monotone", "span", "largest log gap / log range"],
                      [[n, " / ".join(f"{k:.2f}" for k in c["final_kl"]), c["monotone"], f"{c['span']:.1f}×",
                        f"{c['max_gap_share']:.0%}"] for n, c in summary["beta_control"].items()
-                      if n in {p["series"] for p in pts}]), "", "## The paper's findings in miniature", ""]
+                      if n in {p["series"] for p in pts}]), "", "**The paper's findings in miniature**", ""]
     out += [md_table(["finding (paper)", "measured", "verdict"],
                      [[f["finding"], f["measured"], f["verdict"]] for f in summary["findings"]])]
     if summary["scaling_findings"]:
         sizes = sorted(summary["sft_models"].items(), key=lambda kv: kv[1]["params"])
-        out += ["", "## Model size and the regularised arms", "",
+        out += ["", "**Model size and the regularised arms**", "",
                 md_table(["model", "parameters", "seeds", "SFT win rate", "SFT words"],
                          [[m, f"{s['params']:,.0f}", s["n_seeds"], f"{s['win_rate']:.3f} ± {s['win_rate_se']:.3f}",
                            f"{s['length_words']:.2f}"] for m, s in sizes]), "",

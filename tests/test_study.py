@@ -208,4 +208,4 @@ def test_scaling_quick_adds_the_sizes_and_both_arms(quick):
     assert arms["dpo+len0.5"]["length_alpha"] == 0.5 and arms["dpo+nll1"]["nll_alpha"] == 1
     found = " ".join(f["finding"] for f in summary["scaling_findings"])
     assert "Larger models" in found and "dpo+len0.5" in found and "dpo+nll1" in found
-    assert "## Model size and the regularised arms" in (out / "summary.md").read_text()
+    assert "**Model size and the regularised arms**" in (out / "summary.md").read_text()
