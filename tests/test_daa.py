@@ -388,7 +388,9 @@ def test_no_prefix_sharing_trains_the_same_model(inputs):
     assert (logged[0]["loss"], logged[0]["grad_norm"]) == pytest.approx((reference[0]["loss"], reference[0]["grad_norm"]), rel=1e-5)
     assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in reference], rel=1e-3)
     a, b, init = weights(tmp / "two-rows"), weights(tmp / "reference"), load_file(tmp / "sft" / "latest" / "model.safetensors")
-    assert max_diff(a, b) <= 0.05 * max_diff(b, init)
+    # in norm over all weights: a few near-zero gradients that flip sign each move a weight by whole steps
+    distance = lambda x, y: sum(((x[k] - y[k]).double() ** 2).sum().item() for k in x) ** 0.5
+    assert distance(a, b) <= 0.02 * distance(b, init)  # measured: 0.002
     ev = json.loads((tmp / "two-rows" / "latest" / "eval.json").read_text())
     ref = json.loads((tmp / "reference" / "latest" / "eval.json").read_text())
     assert ev.keys() == ref.keys() and all(ev[k] == pytest.approx(ref[k], rel=1e-3, abs=1e-5) for k in ev)
