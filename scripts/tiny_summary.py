@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
-from fit import arm as series, is_sft, pearson, read_results  # noqa: E402
+from fit import arm as series, is_sft, pearson, predict, read_results  # noqa: E402
 
 MEANS = ("win_rate", "kl", "length", "ood_token_rate", "gold_reward", "proxy_reward", "length_words",
          "length_r2", "forward_kl", "eval_accuracy", "eval_loss")
@@ -226,7 +226,7 @@ def increasing(values):
     return all(a < b for a, b in zip(values, values[1:]))
 
 
-def scaling_findings(points, sft_models, main):
+def scaling_findings(points, sft_models, fits, main):
     """Model size (§3.1, §3.3) across the sizes, smallest first, and the regularised arms at `main` (Fig. 3 left)."""
     rows = []
     plain = [p for p in points if p["series"] == p["loss"]]
@@ -250,6 +250,16 @@ def scaling_findings(points, sft_models, main):
         rows.append(("Smaller models over-optimize sooner: their best checkpoint sits at lower KL (§3.1)",
                      "; ".join(f"{l}: " + " / ".join(f"{m} {best[m, l]['kl']:.2f}" for m in models) for l in losses),
                      verdict([increasing([best[m, l]["kl"] for m in models]) for l in losses])))
+        # At equal KL: each size's R(d) fit at the largest √KL that every size reached (its plain runs).
+        d = min(math.sqrt(max(p["kl"] for p in plain if p["model"] == m)) for m in models)
+        law = {(m, l): fits[l][m] for m in models for l in losses if m in fits.get(l, {})}
+        at_d = {k: float(predict("r_d", (f["y0"], f["alpha"], f["beta"]), d)) for k, f in law.items()}
+        rows.append((f"Larger models lose less win rate at equal KL: the R(d) fits at √KL = {d:.2f}, the largest every "
+                     "size reached (§3.1: the 6.9B model is less prone to over-optimization)",
+                     "; ".join(f"{l}: " + " / ".join(f"{m} {at_d[m, l]:.3f}" for m in models) for l in losses
+                               if all((m, l) in at_d for m in models)),
+                     verdict([increasing([at_d[m, l] for m in models]) for l in losses
+                              if all((m, l) in at_d for m in models)])))
         r2 = {m: float(np.nanmean([p["length_r2"] for p in plain if p["model"] == m])) for m in models}
         rows.append(("Weaker models extrapolate more on length: higher R² of Eq. 6 (§3.3, Fig. 3 right)",
                      "mean R² over all checkpoints: " + " / ".join(f"{m} {r2[m]:.2f}" for m in models),
@@ -347,7 +357,7 @@ def main(out):
                "sft": {"win_rate": sft["win_rate"], "win_rate_se": sft["win_rate_se"]}, "sft_models": sft_models,
                "runs": runs, "points": points, "beta_control": beta_control([p for p in points if p["model"] == model]),
                "findings": findings(points, sft, fits, model),
-               "scaling_findings": scaling_findings(points, sft_models, model)}
+               "scaling_findings": scaling_findings(points, sft_models, fits, model)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_atomic(out / "summary.md", markdown(summary, model))
     print(markdown(summary, model))
