@@ -57,8 +57,9 @@ GEMM large enough to fill the GPU. The matmuls are fp32; training.py allows TF32
 does round: the hidden states arrive in fp32 (the final LayerNorm runs in fp32
 under autocast) and the master weight is fp32, and TF32 keeps 10 of their 23
 mantissa bits (a unit roundoff of 2^-11 ≈ 4.9e-4 per input, against bf16's
-2^-8 ≈ 3.9e-3), an error of the order of a bf16 forward's, if 8× smaller. sample.py turns TF32 off: its KL is a small difference of large sums.
-bench/gpu.py measures the error. A Triton kernel that fused the softmax into the matmul
+2^-8 ≈ 3.9e-3): an error of the order of a bf16 forward's, 8× smaller. sample.py
+turns TF32 off, as its KL is a small difference of large sums; bench/gpu.py
+measures the error. A Triton kernel that fused the softmax into the matmul
 (Liger's fused linear cross-entropy) would skip the passes over the [C, V]
 buffer; this file stays plain PyTorch that runs anywhere.
 """
