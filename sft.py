@@ -34,7 +34,7 @@ def sft_loss(model, batch):
     # log-prob the DAA losses (Eq. 4) and the KL are made of. A per-token mean would instead
     # weigh every token of the batch equally, so short responses would count for less.
     logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-    n_tokens = (batch["labels"] != training.IGNORE).sum(1)
+    n_tokens = (batch["labels"] != logprobs.IGNORE).sum(1)
     return -logps.mean(), {"loss": -logps.detach(), "response_tokens": n_tokens}
 
 
@@ -42,7 +42,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     env = training.setup(args)
     tok = load_tokenizer(training.model_dir(args.model))
-    data = training.read_jsonl(Path(args.data) / "sft_train.jsonl", ("prompt", "response"), args.max_examples)
+    data = training.read_examples(Path(args.data) / "sft_train.jsonl", ("prompt", "response"), args.max_examples)
     plan = training.make_plan(args, env, len(data))
     state = training.prepare_out(args, env)
     if training.finished(state, env):

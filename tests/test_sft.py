@@ -70,7 +70,7 @@ def test_bad_flags_exit_with_one_line_and_write_nothing(tmp_path):
 
 
 def test_a_run_directory_being_written_refuses_a_second_sft_with_one_line(tmp_path):
-    from test_download import held_by_another_process
+    from test_files import held_by_another_process
     model_dir, data = write_inputs(tmp_path)
     out = tmp_path / "out"
     out.mkdir()

@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import itertools
+import math
+import random
+from collections import Counter
+
 import numpy as np
 import pytest
 
-import itertools
-import math
-
-from judge import gold_reward, judge_gold, proxy_reward
+from data.tiny import task as tiny_task
+from data.tiny.task import gold_reward, proxy_reward
+from judge import judge_gold
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +123,36 @@ def test_the_length_labeller_prefers_the_padded_summary_the_gold_ranks_lower():
     assert proxy_reward(PROMPT, padded, SPECS["length"]) > proxy_reward(PROMPT, short, SPECS["length"])
     assert proxy_reward(PROMPT, short, SPECS["aligned"]) > proxy_reward(PROMPT, padded, SPECS["aligned"])
 
+
+
+def test_summary_entropy_is_the_generators_by_enumeration():
+    """H(summary | post), summed over every summary the generator can write for one post (each subset of
+    important words, each filler subset, each order), with the probability of each counted from its
+    parts; and the generator's (kept, fillers) counts follow those probabilities (a χ² check)."""
+    post = tiny_task.make_post(random.Random(0))
+    important = [w for w in post if w in tiny_task.IMPORTANT]
+    fillers = [w for w in post if w not in tiny_task.IMPORTANT]
+    keep, k_max = tiny_task.KEEP, tiny_task.MAX_FILLERS
+    probs = {}
+    for kept in itertools.chain.from_iterable(itertools.combinations(important, i) for i in range(4)):
+        for f in range(k_max + 1):
+            for chosen in itertools.combinations(fillers, f):
+                words = kept + chosen
+                for order in itertools.permutations(words):
+                    probs[order] = (keep ** len(kept) * (1 - keep) ** (3 - len(kept)) / (k_max + 1)
+                                    / math.comb(len(fillers), f) / math.factorial(len(words)))
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-12)
+    assert tiny_task.summary_entropy() == pytest.approx(-sum(p * math.log(p) for p in probs.values()), rel=1e-12)
+    assert tiny_task.summary_tokens() == pytest.approx(sum(p * (len(o) + 1) for o, p in probs.items()), rel=1e-12)
+    rng, n = random.Random(1), 20000
+    counts = Counter()
+    for _ in range(n):
+        words = tiny_task.human_summary(rng, post)
+        counts[sum(w in important for w in words), sum(w in fillers for w in words)] += 1
+    expected = {(i, f): n * math.comb(3, i) * keep ** i * (1 - keep) ** (3 - i) / (k_max + 1)
+                for i in range(4) for f in range(k_max + 1)}
+    chi2 = sum((counts[c] - e) ** 2 / e for c, e in expected.items())
+    assert chi2 < 37.7  # the 0.999 quantile of χ² with 15 degrees of freedom
 
 
 def test_summary_points_pool_seeds_and_combine_both_errors():
