@@ -229,14 +229,7 @@ def make_reference(ref, table, env):
 
 def evaluate(model, loss_fn, batches, env):
     """Mean per-pair statistics on the held-out pairs, over all processes (EVAL_KEYS)."""
-    sums = {}
-    with torch.no_grad(), env.autocast():
-        for batch in batches:
-            _, stats = loss_fn(model, batch)
-            stats["examples"] = torch.ones_like(stats["loss"])
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0) + v.sum()
-    sums = training.reduce_sum(env, sums)
+    sums = training.evaluate(model, loss_fn, batches, env)
     return {"eval/examples": int(sums["examples"]), **{k: sums[v] / sums["examples"] for k, v in EVAL_KEYS.items()}}
 
 

@@ -147,6 +147,19 @@ def reduce_sum(env, values):
     return dict(zip(keys, packed.tolist()))
 
 
+def evaluate(model, loss_fn, batches, env):
+    """Sums over the held-out `batches` of every per-example statistic loss_fn returns, over all
+    processes, plus "examples": the caller turns them into means (daa.py, sft.py, rm.py)."""
+    sums = {}
+    with torch.no_grad(), env.autocast():
+        for batch in batches:
+            _, stats = loss_fn(model, batch)
+            stats["examples"] = torch.ones_like(stats["loss"])
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+    return reduce_sum(env, sums)
+
+
 def say(env, *msg):
     if env.main:
         print(*msg, flush=True)

@@ -50,6 +50,7 @@ def write_inputs(tmp, weights=True):
     with open(FIXTURES / "tldr_queries_first300.csv", encoding="utf-8") as f:
         rows = [{"prompt": r["query"], "response": r["reference_responses"]} for r in csv.DictReader(f)]
     (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    (data / "sft_valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:48]))
     pairs = []
     for line in open(FIXTURES / "tldr_comparisons_batch18_first100.jsonl", encoding="utf-8"):
         c = json.loads(line)
