@@ -248,6 +248,14 @@ def _model_name(args):
     return str(args.get("init", "model"))
 
 
+def model_of(path):
+    """The model name of a run directory, or of a checkpoint inside one (bon.py's policy)."""
+    for run in (Path(path), Path(path).parent):
+        if (run / "args.json").exists():
+            return _model_name(_json(run / "args.json"))
+    return Path(path).name
+
+
 def read_run(run):
     """Rows, one per sampled checkpoint, of a run directory written by daa.py, sample.py and judge.py.
 
