@@ -123,7 +123,7 @@ def bon_kl(scores, ns):
     F0 = np.r_[0.0, F[:-1]]
     out = []
     for n in ns:
-        q = F ** n - F0 ** n
+        q = F ** n - F0 ** n if n > 1 else p  # best of one is π_ref itself (F − F0 rounds off p)
         k = q > 0
         out.append(float(q[k] @ np.log(q[k] / p[k])))
     return np.array(out)
@@ -210,6 +210,7 @@ def main(argv=None):
     spec = task.read_spec(args.gold_spec)
     seen_ids = sample.response_token_ids(args.train_data, tok) if args.train_data else None
     policy = GPTNeoX.from_pretrained(policy_dir, device=env.device)
+    model = rm.load(args.rm, device=env.device).eval() if args.rm else None  # before sampling: a bad --rm fails at once
     encoded, budgets = sample.encode_prompts(tok, chosen, args, policy.config.max_position_embeddings)
     clock = {"start": time.time()}
     tokens = draw_all(policy, tok, encoded, budgets, args.n_samples, args, env)
@@ -218,8 +219,7 @@ def main(argv=None):
     values = [v for v, _ in scored]
     pickers = {"proxy": [v[:, VALUES.index("proxy_reward")] for v in values]}
     clock["gold and proxy"] = time.time()
-    if args.rm:
-        model = rm.load(args.rm, device=env.device).eval()
+    if model is not None:
         # Each distinct (prompt, text) once: a repeated summary then ties with itself exactly, whatever the batch.
         uniq = sorted({(i, t) for i, (_, texts) in enumerate(scored) for t in texts})
         r = rm.score(model, tok, [chosen[i]["prompt"] for i, _ in uniq], [t for _, t in uniq], args.max_length,

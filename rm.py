@@ -86,12 +86,14 @@ def load(path, seed=0, device="cpu", dtype=torch.float32, fresh=False):
 
 
 def rewards(model, input_ids, attention_mask, ends, position_ids=None):
-    """r(x, y) read at positions `ends` ([B] or [B, K]: K responses packed in one row), float32."""
+    """r(x, y) read at positions `ends` ([B] or [B, K]: K responses packed in one row), float32 (float64
+    for a float64 model)."""
     hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, return_hidden=True)
     # The head is read after the call, as logprobs reads embed_out: FSDP gathers the root's weights in its forward.
     head = getattr(model, "module", model).reward_head
     rows = torch.arange(len(ends), device=ends.device).view(-1, *[1] * (ends.dim() - 1))
-    return head(hidden[rows, ends]).squeeze(-1).float()
+    r = head(hidden[rows, ends]).squeeze(-1)
+    return r.to(torch.promote_types(r.dtype, torch.float32))
 
 
 def pair_rewards(model, batch):
@@ -125,10 +127,11 @@ def bt_loss(model, batch):
 @torch.no_grad()
 def score(model, tok, prompts, responses, max_length=512, batch_size=256):
     """r(x, y) of each (prompt, response text) pair, scored as training scores a response (training.encode:
-    the response, then EOS), `batch_size` at a time, shortest first (less padding); a float32 CPU tensor."""
+    the response, then EOS), `batch_size` at a time, shortest first (less padding); a float32 CPU tensor
+    (float64 for a float64 model)."""
     seqs = [training.encode(tok, x, [y], max_length)[0] for x, y in zip(prompts, responses)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    out = torch.zeros(len(seqs))
+    out = torch.zeros(len(seqs), dtype=torch.promote_types(model.embed_out.weight.dtype, torch.float32))
     for i in range(0, len(seqs), batch_size):
         idx = order[i:i + batch_size]
         batch = training.collate([seqs[j] for j in idx], tok.eos_id, model.embed_out.weight.device)
