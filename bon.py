@@ -60,7 +60,8 @@ VALUES = ("gold_reward", "proxy_reward", "win", "hits", "other_words", "length_w
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--policy", required=True, help="the SFT policy π_ref (a run directory: its `latest`)")
     p.add_argument("--rm", default=None, help="a reward model from rm.py (run directory or checkpoint); without "
                    "it only the proxy reward picks")

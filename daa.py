@@ -20,6 +20,19 @@ log-probs over tokens, which --average-logps reproduces. --nll-alpha A adds
 A × the per-token negative log-likelihood of the chosen response to any of the
 three (RPO: "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
 Adversarial Regularizer", 2024; the per-token mean, as TRL's rpo_alpha).
+
+Online. `--online R --gold-spec gold.json` (the miniature) trains on the policy's own samples
+instead, to test §4's argument that offline data do not cover the policy's outputs. The run
+has the offline run's pairs, steps and data order, split into R rounds evenly spaced as the
+checkpoints are (R = --checkpoints: every round ends at one). At each round's start, the
+responses of the round's pairs are replaced by two fresh samples of the current policy per
+prompt (sample.draw, temperature 1), labelled by the labeller's Bradley–Terry draw that
+labelled the offline data (task.labeller_prefers_first, an RNG seeded by (seed, round)); the
+round then trains one DAA pass from the previous round's policy, against the SFT reference.
+The round's pairs are written to OUT/online-round<r>.jsonl before it trains, so a resume
+reads what the killed run trained on; each checkpoint's online.json names its round.
+A daa.py run, not an online.py: the loss, batching, reference and checkpoints are this
+file's, and online DPO differs from offline only in where the pairs come from.
 """
 import argparse
 import bisect
@@ -28,6 +41,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -260,11 +274,9 @@ def round_starts(plan, rounds):
 
 def round_examples(plan, first, last):
     """The pair indices the global batches of steps first..last − 1 train on, every process's."""
-    out = set()
-    for step in range(first, last):
-        epoch, k = divmod(step, plan.steps_per_epoch)
-        out.update(training.epoch_order(plan.n_examples, plan.seed, epoch)[k * plan.batch_size:(k + 1) * plan.batch_size].tolist())
-    return sorted(out)
+    whole = SimpleNamespace(**{**vars(plan), "rank": 0, "world": 1})  # one process holding the whole batch
+    return sorted({i for step in range(first, last) for micro in training.micro_batch_indices(whole, step)
+                   for i in micro})
 
 
 def online_pairs(args, env, plan, tok, policy, pairs, step, starts):

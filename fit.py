@@ -3,8 +3,9 @@
     python fit.py out/dpo-b0.1 out/ipo-b0.1 ... --out figures/   # run directories
     python fit.py results.csv --out figures/                     # or a results file
 
-Writes fig1..fig5 PNGs, fits.json and results.csv (the rows it read, in the
-results-file format) to --out, and prints the RMSE table of the three fits.
+Writes fig1..fig5 PNGs (and fig6 when the frontier is in), fits.json and
+results.csv (the rows it read, in the results-file format) to --out, and prints
+the RMSE table of the three fits.
 
 A results file (CSV or JSONL) has one row per (model, loss, beta, fraction of
 the epoch): `model, loss, beta, fraction, win_rate, kl` are required;
@@ -14,6 +15,13 @@ are optional (an empty cell
 or null is missing), and any other numeric column is carried through. A row
 whose loss is "sft" or whose fraction is 0 is the SFT policy of its model:
 d = 0, where every loss's curve starts.
+
+The frontier (Gao et al. 2022's Fig. 1 beside the paper's): bon.py's results
+file has rows of loss "bon" (by `reward` and `n`) and "tilted" (by `reward` and
+`beta`) and no fraction; fits.json["frontier"] fits them with R(d) and Gao et
+al.'s best-of-n form y0 + d(α − β·d), and fig6 draws them beside DPO's
+checkpoints, online (daa.py --online) and sampled in-support (sample.py
+--in-support).
 
 A series (an "arm") is a loss, with its regularisers when they are on:
 daa.py --length-alpha 0.01 gives "dpo+len0.01", --nll-alpha 1 "dpo+nll1"

@@ -6,7 +6,7 @@
 r_φ is GPT-NeoX initialised from the SFT model, with a scalar head (`reward_head`, a
 Linear(hidden, 1)) read at the final-norm state of the response's last token: its EOS, which
 has seen the whole prompt and response (the last kept token when truncation cut the EOS).
-The head starts at N(0, 1/(hidden + 1)) (Stiennon et al. 2020's code), seeded by --seed.
+The head starts at N(0, 1/(hidden + 1)) (variance; a usual reward-head init), seeded by --seed.
 The unembedding is never read, so it is frozen. The pairs are batched as daa.py batches them
 (prefix-shared [prompt | chosen | rejected] by default). The plumbing is training.py's, as in
 sft.py and daa.py: torchrun (DDP or --fsdp), checkpoints, exact resume, the run-directory lock.
@@ -53,7 +53,7 @@ def get_parser():
                    "two rows [prompt | chosen], [prompt | rejected] instead of one [prompt | chosen | rejected]")
     training.add_args(p, checkpoints=1)
     # The paper trains no reward model, so these defaults are ours: one epoch of AdamW. The
-    # miniature's settings are chosen by measurement (docs/training.md, "The reward model").
+    # miniature's settings are chosen by measurement (docs/evaluation.md, "The reward model").
     p.set_defaults(optimizer="adamw", lr=1e-5, warmup=0)
     return p
 

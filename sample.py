@@ -16,6 +16,13 @@ next-token probabilities (renormalised) and the mass those 10 hold, averaged
 over the sample. Rows go to `samples-<ckpt>.jsonl` beside the checkpoint, the
 means to `samples-<ckpt>.summary.json`.
 
+--in-support (with --train-data) samples only tokens that occur in some training
+response, from the policy renormalised over them, π_S(y_t) ∝ π(y_t) on S, and
+scores that distribution (so its KL is π_S's to π_ref): the part of a collapse
+that token-level OOD mass causes is what it recovers. It writes
+`samples-<ckpt>+in_support.jsonl`, beside the plain samples, with the same
+prompts and random draws.
+
     python sample.py --ckpt out/dpo/ckpt-46080 --ref out/sft/ckpt-92858
     python sample.py --ckpt out/dpo/ckpt-* --ref out/sft/latest   # every checkpoint of a run
     torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ... --num-prompts 256   # sharded, one file

@@ -1,4 +1,4 @@
-"""Plumbing shared by sft.py and daa.py: torchrun setup, data, optimizer, checkpoints, logging.
+"""Plumbing shared by sft.py, daa.py and rm.py: torchrun setup, data, optimizer, checkpoints, logging.
 
 A training script reads top to bottom with these pieces:
 
