@@ -605,7 +605,7 @@ def _frontier_label(name):
     """A legend label and plot style for fig6's series."""
     if name.split("-")[0] in FRONTIER:
         loss, reward = name.split("-", 1)
-        label = {"bon": "best-of-n", "tilted": "π_ref·e^{r/β}"}[loss] + f" ({'RM' if reward == 'rm' else reward})"
+        label = {"bon": "best-of-n", "tilted": "π_ref·exp(r/β)"}[loss] + f" ({'RM' if reward == 'rm' else reward})"
         return label, {"color": "C3" if reward == "rm" else "C2", "fmt": "-o" if loss == "bon" else "--s", "ms": 3}
     tags = name.split("+")[1:]
     label = "DPO" + "".join(f", online ({t[len('online'):]} rounds)" if t.startswith("online") else ", in-support"
