@@ -72,6 +72,12 @@ def chipo(x):
     return -F.logsigmoid(logit.clamp(-2 * x.chipo_clip, 2 * x.chipo_clip))
 
 
+def dpop(x):
+    # DPO-Positive (Pal et al. 2024, Eq. 3): a hinge on the chosen response falling below the reference,
+    # inside the sigmoid and scaled by β like the margin.
+    return -F.logsigmoid(x.margin - x.beta * x.dpop_lambda * torch.relu(x.ref_chosen - x.chosen))
+
+
 def simpo_reward(x, h, logp):
     """β × the policy's per-token mean log-prob: SimPO's reference-free reward (Meng et al. 2024)."""
     return x.beta * logp
@@ -98,19 +104,19 @@ LOSSES = {
                    options={"chipo_clip": (5.0, "R of χPO: the logit is clipped to [−2R, 2R]; R is the reward range "
                                                 "in Bradley–Terry log-odds (5: about the miniature labeller's, "
                                                 "1.5 per important word, 3 words)")}),
-    # The penalty stays β·λ·max(0, ·) inside the sigmoid, on the chosen response only.
-    "dpop": entry(lambda x: -F.logsigmoid(x.margin - x.beta * x.dpop_lambda * torch.relu(x.ref_chosen - x.chosen)),
-                  "−log σ(β[h − λ·max(0, log π_ref(y_w) − log π(y_w))])", "Pal et al. 2024, DPO-Positive (Smaug)",
+    "dpop": entry(dpop, "−log σ(β[h − λ·max(0, log π_ref(y_w) − log π(y_w))])",
+                  "Pal et al. 2024, DPO-Positive (Smaug)",
                   options={"dpop_lambda": (50.0, "λ of DPO-Positive, the weight of the chosen response's drop "
                                                  "below the reference")}, margin=True),
-    # Official code (tengxiao1/Cal-DPO, loss_type "Cal-DPO"): the BT term has no β; β only sets the targets ±1/(2β).
+    # Official code (tengxiao1/Cal-DPO, loss_type "Cal-DPO"): no β in the BT term; β sets the targets ±1/(2β).
     "caldpo": entry(lambda x: -F.logsigmoid(x.h_w - x.h_l)
                     + 0.5 * ((x.h_w - 0.5 / x.beta) ** 2 + (x.h_l + 0.5 / x.beta) ** 2),
                     "−log σ(h_w − h_l) + ½[(h_w − 1/(2β))² + (h_l + 1/(2β))²]",
                     "Xiao et al. 2024, Cal-DPO, as its official code computes it"),
     # Reference-free: its KL to the SFT model is only measured (eval/logratio_*), never constrained.
     "simpo": entry(lambda x: -F.logsigmoid(x.beta * (x.chosen - x.rejected - x.simpo_gamma_beta_ratio)),
-                   "−log σ(β(ā_w − ā_l) − γ), γ = ratio·β, ā per-token mean log π", "Meng et al. 2024, SimPO",
+                   "−log σ(β(ā_w − ā_l) − γ), γ = ratio·β, ā per-token mean log π",
+                   "Meng et al. 2024, SimPO (the authors' code)",
                    reward=simpo_reward, per_token=True,
                    options={"simpo_gamma_beta_ratio": (0.5, "γ/β of SimPO, its target margin over β (the "
                                                             "authors' Llama-3-Base config; their β there is 2)")}),
@@ -182,9 +188,10 @@ EVAL_KEYS = {  # eval.json / metrics.jsonl name -> per-pair statistic; fit.py re
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__ + "\nThe losses (--loss; h = log π/π_ref of one response, h = h_w "
-                                "− h_l in the paper's three):\n" + loss_table() + "\n\nTrains a policy with one of "
-                                "them from an SFT checkpoint; re-running the same command on the same --out resumes it.",
+    table = ("The losses (--loss; h_w, h_l: log π/π_ref of the chosen and the rejected response, summed over "
+             "tokens; h = h_w − h_l):\n" + loss_table())
+    p = argparse.ArgumentParser(description=__doc__ + "\n" + table + "\n\nTrains a policy with one of them from an "
+                                "SFT checkpoint; re-running the same command on the same --out resumes it.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="the SFT checkpoint to start from (out/sft, out/sft/latest or "
                    "out/sft/ckpt-N); it is also the reference π_ref unless --ref is given")
