@@ -233,7 +233,7 @@ def pair_batch(tok, pairs, idx, split, max_length, device, shared=True):
     """
     seqs = [training.encode(tok, pairs[i]["prompt"], [pairs[i]["chosen"], pairs[i]["rejected"]], max_length)
             for i in idx]
-    n_tokens = torch.tensor([[sum(t != training.IGNORE for t in labels) for _, labels in s] for s in seqs])
+    n_tokens = torch.tensor([[sum(t != logprobs.IGNORE for t in labels) for _, labels in s] for s in seqs])
     batch = pack_pairs(seqs, tok.eos_id) if shared else \
         training.collate([s[0] for s in seqs] + [s[1] for s in seqs], tok.eos_id, "cpu")
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -252,11 +252,11 @@ def pack_pairs(seqs, pad_id):
     """
     rows = []
     for (ids_c, labels_c), (ids_r, _) in seqs:
-        p = labels_c.count(training.IGNORE)  # the shared prompt's length
+        p = labels_c.count(logprobs.IGNORE)  # the shared prompt's length
         rows.append((ids_c[:p], ids_c[p:], ids_r[p:]))
     T = max(len(p) + len(c) + len(r) for p, c, r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), 2, T), training.IGNORE, dtype=torch.long)
+    labels = torch.full((len(rows), 2, T), logprobs.IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), T), dtype=torch.long)
     part = torch.full((len(rows), T), 3)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
     for i, (p, c, r) in enumerate(rows):
@@ -348,14 +348,7 @@ def make_reference(ref, table, env):
 
 def evaluate(model, loss_fn, batches, env):
     """Mean per-pair statistics on the held-out pairs, over all processes (EVAL_KEYS)."""
-    sums = {}
-    with torch.no_grad(), env.autocast():
-        for batch in batches:
-            _, stats = loss_fn(model, batch)
-            stats["examples"] = torch.ones_like(stats["loss"])
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0) + v.sum()
-    sums = training.reduce_sum(env, sums)
+    sums = training.evaluate(model, loss_fn, batches, env)
     return {"eval/examples": int(sums["examples"]), **{k: sums[v] / sums["examples"] for k, v in EVAL_KEYS.items()}}
 
 
@@ -366,8 +359,8 @@ def main(argv=None):
     env = training.setup(args)
     tok = load_tokenizer(training.model_dir(args.init))
     data = Path(args.data)
-    pairs = training.read_jsonl(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
-    eval_pairs = (training.read_jsonl(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
+    pairs = training.read_examples(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
+    eval_pairs = (training.read_examples(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
                   if args.eval_examples else [])
     plan = training.make_plan(args, env, len(pairs))
     state = training.prepare_out(args, env)

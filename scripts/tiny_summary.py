@@ -23,16 +23,16 @@ standard error alone.
 """
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
+import files  # noqa: E402
 from fit import arm as series, is_sft, pearson, predict, read_results  # noqa: E402
 
-MEANS = ("win_rate", "kl", "length", "ood_token_rate", "gold_reward", "proxy_reward", "length_words",
+MEANS = ("win_rate", "kl", "length_tokens", "ood_token_rate", "gold_reward", "proxy_reward", "length_words",
          "length_r2", "forward_kl", "eval_accuracy", "eval_loss")
 MAIN_MODEL = "tiny-m"  # the default study's size; --scaling adds tiny-s and tiny-l
 
@@ -253,7 +253,7 @@ def scaling_findings(points, sft_models, fits, main):
         # At equal KL: each size's R(d) fit at the largest √KL that every size reached (its plain runs).
         d = min(math.sqrt(max(p["kl"] for p in plain if p["model"] == m)) for m in models)
         law = {(m, l): fits[l][m] for m in models for l in losses if m in fits.get(l, {})}
-        at_d = {k: float(predict("r_d", (f["y0"], f["alpha"], f["beta"]), d)) for k, f in law.items()}
+        at_d = {k: float(predict("r_d", (f["y0"], f["rd_alpha"], f["rd_beta"]), d)) for k, f in law.items()}
         rows.append((f"Larger models lose less win rate at equal KL: the R(d) fits at √KL = {d:.2f}, the largest every "
                      "size reached (§3.1: the 6.9B model is less prone to over-optimization)",
                      "; ".join(f"{l}: " + " / ".join(f"{m} {at_d[m, l]:.3f}" for m in models) for l in losses
@@ -337,12 +337,6 @@ def markdown(summary, model):
     return "\n".join(out) + "\n"
 
 
-def write_atomic(path, text):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(out):
     rows = read_results(out / "fit" / "results.csv")
     fits = json.loads((out / "fit" / "fits.json").read_text())["scaling_law"]["all"]
@@ -358,8 +352,8 @@ def main(out):
                "runs": runs, "points": points, "beta_control": beta_control([p for p in points if p["model"] == model]),
                "findings": findings(points, sft, fits, model),
                "scaling_findings": scaling_findings(points, sft_models, fits, model)}
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    write_atomic(out / "summary.md", markdown(summary, model))
+    files.write_json(out / "summary.json", summary, indent=1)
+    files.write_text(out / "summary.md", markdown(summary, model))
     print(markdown(summary, model))
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_training import ROOT, RUN, max_diff, weights, write_inputs
 
 import daa  # noqa: E402  (test_training put the repository root on sys.path)
-import download  # noqa: E402
+import files  # noqa: E402
 import logprobs  # noqa: E402
 import sft  # noqa: E402
 import training  # noqa: E402
@@ -192,13 +192,13 @@ def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, capsys):
     r = subprocess.run([sys.executable, "-c", killer, *args, "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))  # as this process: same float sums
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
-    assert Path(out / "latest").resolve().name == "ckpt-4" and (out / "ckpt-8.tmp" / "model.safetensors").exists()
+    assert Path(out / "latest").resolve().name == "ckpt-4" and list(out.glob(".ckpt-8.tmp-*/model.safetensors"))
 
     daa.main([*args, "--out", str(out)])  # the same command again
     assert "resuming from" in capsys.readouterr().out
     assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6
     assert sorted(p.name for p in out.iterdir()) == \
-        ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]  # ckpt-8.tmp was replaced
+        ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]  # the half-written one is gone
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("loss"), r.get("eval/loss")) for r in logged] == \
@@ -288,9 +288,9 @@ def hand_batch():
     model = GPTNeoX(Config(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=16))
     prompts, chosen, rejected = [[1, 2], [3]], [[4, 5, 0], [0]], [[6, 0], [7, 8, 9, 0]]
-    seqs = [(p + r, [training.IGNORE] * len(p) + r) for p, r in zip(prompts + prompts, chosen + rejected)]
+    seqs = [(p + r, [logprobs.IGNORE] * len(p) + r) for p, r in zip(prompts + prompts, chosen + rejected)]
     batch = training.collate(seqs, 0, "cpu")
-    tokens = (batch["labels"] != training.IGNORE).sum(1)
+    tokens = (batch["labels"] != logprobs.IGNORE).sum(1)
     batch.update(idx=[0, 1], split="train", chosen_tokens=tokens[:2], rejected_tokens=tokens[2:])
     # Σ log π per response by hand: the logits at position t score the token at t + 1.
     logp = model(batch["input_ids"], attention_mask=batch["attention_mask"]).log_softmax(-1)
@@ -385,7 +385,7 @@ def test_second_launch_refuses_while_the_first_runs_and_a_rerun_after_sigkill_re
             if line.startswith("CHECKPOINT"):
                 break
         assert first.poll() is None
-        with pytest.raises(download.Busy, match=r"run directory .*locked is being written by another process") as e:
+        with pytest.raises(files.Busy, match=r"run directory .*locked is being written by another process") as e:
             daa.main([*args, "--out", str(out)])
         assert "\n" not in str(e.value)
         assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-4", "latest", "metrics.jsonl"]  # untouched
@@ -430,8 +430,8 @@ def test_prefix_shared_pairs_equal_two_rows_in_float64(tok, cfg, max_length):
     shared, rows = (daa.pair_batch(tok, PAIRS, idx, "train", max_length, "cpu", shared=s) for s in (True, False))
     assert shared["input_ids"].shape[0] == 4 and rows["input_ids"].shape[0] == 8
     assert shared["chosen_tokens"].tolist() == rows["chosen_tokens"].tolist() == \
-        (rows["labels"][:4] != training.IGNORE).sum(1).tolist()
-    assert shared["rejected_tokens"].tolist() == (rows["labels"][4:] != training.IGNORE).sum(1).tolist()
+        (rows["labels"][:4] != logprobs.IGNORE).sum(1).tolist()
+    assert shared["rejected_tokens"].tolist() == (rows["labels"][4:] != logprobs.IGNORE).sum(1).tolist()
     assert shared["rejected_tokens"][2] == 1  # the empty response: its EOS
     assert shared["tokens"] < rows["tokens"]  # the point: each prompt once
     w = torch.tensor([0.3, -1.0, 0.7, 2.0], dtype=torch.float64)
@@ -491,7 +491,7 @@ def test_prefix_shared_mask_positions_and_labels(tok):
         labels = b["labels"][i]
         assert labels[0, P] == c[0] and labels[1, P] == r[0]  # both predicted by position P - 1
         assert labels[0, P:P + C].tolist() == c and labels[1, P + C + 1:P + C + R].tolist() == r[1:]
-        assert (labels[0] != training.IGNORE).sum() == C and (labels[1] != training.IGNORE).sum() == R
+        assert (labels[0] != logprobs.IGNORE).sum() == C and (labels[1] != logprobs.IGNORE).sum() == R
 
 
 def test_no_prefix_sharing_trains_the_same_model(inputs):
@@ -534,7 +534,7 @@ sys.path.insert(0, sys.argv[1])
 import daa, training
 from types import SimpleNamespace
 from model import Config, GPTNeoX
-env = training.setup(SimpleNamespace(device="cpu", fsdp=True, dtype="bfloat16", seed=0))
+env = training.setup(SimpleNamespace(device="cpu", fsdp=True, dtype="bfloat16", seed=0, dist_timeout=5))
 torch.manual_seed(0)
 ref = training.freeze(GPTNeoX(Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64)))
