@@ -78,6 +78,14 @@ def dpop(x):
     return -F.logsigmoid(x.margin - x.beta * x.dpop_lambda * torch.relu(x.ref_chosen - x.chosen))
 
 
+SIMPO_GAMMA_BETA_RATIO = 0.5  # the authors' configs set γ through γ/β (gamma_beta_ratio), 0.5 for Llama-3-Base
+
+
+def simpo(x):
+    gamma = SIMPO_GAMMA_BETA_RATIO * x.beta if x.simpo_gamma is None else x.simpo_gamma
+    return -F.logsigmoid(x.beta * (x.chosen - x.rejected) - gamma)
+
+
 def simpo_reward(x, h, logp):
     """β × the policy's per-token mean log-prob: SimPO's reference-free reward (Meng et al. 2024)."""
     return x.beta * logp
@@ -114,18 +122,17 @@ LOSSES = {
                     "−log σ(h_w − h_l) + ½[(h_w − 1/(2β))² + (h_l + 1/(2β))²]",
                     "Xiao et al. 2024, Cal-DPO, as its official code computes it"),
     # Reference-free: its KL to the SFT model is only measured (eval/logratio_*), never constrained.
-    "simpo": entry(lambda x: -F.logsigmoid(x.beta * (x.chosen - x.rejected - x.simpo_gamma_beta_ratio)),
-                   "−log σ(β(ā_w − ā_l) − γ), γ = ratio·β, ā per-token mean log π",
-                   "Meng et al. 2024, SimPO (the authors' code)",
-                   reward=simpo_reward, per_token=True,
-                   options={"simpo_gamma_beta_ratio": (0.5, "γ/β of SimPO, its target margin over β (the "
-                                                            "authors' Llama-3-Base config; their β there is 2)")}),
+    "simpo": entry(simpo, "−log σ(β(ā_w − ā_l) − γ), ā per-token mean log π", "Meng et al. 2024, SimPO (the "
+                   "authors' code)", reward=simpo_reward, per_token=True,
+                   options={"simpo_gamma": (None, f"γ of SimPO, its target reward margin (default: "
+                                                  f"{SIMPO_GAMMA_BETA_RATIO:g}·β, the γ/β of the authors' "
+                                                  "Llama-3-Base config, whose β is 2)")}),
 }
 
 
 def loss_table():
     """LOSSES as text, for --help."""
-    rows = [(name, e["formula"], e["source"] + "".join(f"; --{o.replace('_', '-')} {d:g}"
+    rows = [(name, e["formula"], e["source"] + "".join(f"; --{o.replace('_', '-')}" + (f" {d:g}" if d else "")
                                                        for o, (d, _) in e["options"].items()))
             for name, e in LOSSES.items()]
     width = max(len(r[1]) for r in rows)
@@ -210,7 +217,7 @@ def get_parser():
         for option, (default, text) in e["options"].items():
             # default None (the table's value): a run directory written before the option existed still resumes
             p.add_argument(f"--{option.replace('_', '-')}", type=float, default=None,
-                           help=f"{text} (--loss {loss} only; default: {default:g})")
+                           help=f"{text} (--loss {loss} only" + (f"; default: {default:g})" if default else ")"))
     p.add_argument("--precompute-ref", action="store_true", help="one pass computes the reference log-probs of "
                    "every pair, then the reference model is freed (saves its memory during training)")
     p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", help="score each pair as "

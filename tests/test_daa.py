@@ -96,7 +96,7 @@ def by_formula(loss, beta, **o):
             out.append((-log_sigmoid(hw - hl) + 0.5 * ((hw - c) ** 2 + (hl + c) ** 2), beta * hw, beta * hl))
         elif loss == "simpo":  # reference-free, per-token means ā: −log σ(β(ā_w − ā_l) − γ), γ = (γ/β)·β
             aw, al = pc / NC[i].item(), pr / NR[i].item()
-            gamma = o.get("simpo_gamma_beta_ratio", 0.5) * beta
+            gamma = o.get("simpo_gamma", 0.5 * beta)
             out.append((-log_sigmoid(beta * (aw - al) - gamma), beta * aw, beta * al))
     return [list(col) for col in zip(*out)]
 
@@ -109,7 +109,7 @@ def by_formula(loss, beta, **o):
     ("dpop", 0.5, {"dpop_lambda": 2.0}),
     ("caldpo", 0.5, {}), ("caldpo", 0.1, {}),
     ("simpo", 2.0, {}),  # the authors' β with their γ/β = 0.5
-    ("simpo", 0.5, {"simpo_gamma_beta_ratio": 0.3}),
+    ("simpo", 0.5, {"simpo_gamma": 0.3}),
 ])
 def test_published_losses_by_formula_in_float64(loss, beta, options):
     losses, chosen_rewards, rejected_rewards = daa.daa_loss(PC, PR, RC, RR, beta, loss, chosen_lengths=NC,
@@ -159,7 +159,7 @@ def test_help_shows_every_loss_its_source_and_options():
     for name, e in daa.LOSSES.items():
         assert f"    {name} " in text and e["source"] in text
         for option, (default, _) in e["options"].items():
-            assert f"--{option.replace('_', '-')} {default:g}" in text
+            assert f"--{option.replace('_', '-')}" + (f" {default:g}" if default else "") in text
 
 
 # ---------------------------------------------------------------- the training script
