@@ -178,6 +178,10 @@ def correlate(S, pts, x_name, label, claim):
             "holds": bool(ok), "side": 0 if claim == "none" else -1}
 
 
+def num(x, spec=".2f"):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
 def fmt_ci(c, digits=3):
     if c["ci"] is None:
         return "n/a"
@@ -373,7 +377,7 @@ def metrics_say_little(S, model=None):
             c = correlate(S, series(S, loss, model), key, f"{loss}{' ' + model if model else ''}: r({name}, win)",
                           "none")
             comps.append(c)
-            text.append(f"{c['label']} {c['estimate']:.2f} (p {c['p']:.3f}, n {c['n']})")
+            text.append(f"{c['label']} {num(c['estimate'])} (p {num(c['p'], '.3f')}, n {c['n']})")
     return finding(f"Held-out reward accuracy and DAA loss say little about win rate (Fig. 4, §3.4): no "
                    f"correlation significant at p < {ALPHA:g}" + (f", within {model}" if model else ""),
                    "; ".join(text), comps)
@@ -402,8 +406,8 @@ def ood_mass(S):
         r = correlate(S, pts, "ood_token_rate", f"{loss}: r(OOD, win) < 0", "negative")
         comps += [compare(f"{loss}: OOD rate at the highest-KL point − SFT's",
                           stat(S, top, "ood_token_rate") - stat(S, sft(S), "ood_token_rate")), r]
-        text.append(f"{loss}: {top['ood_token_rate']:.3f} at KL {top['kl']:.1f}, r(OOD, win) {r['estimate']:.2f} "
-                    f"(p {r['p']:.2g})")
+        text.append(f"{loss}: {top['ood_token_rate']:.3f} at KL {top['kl']:.1f}, r(OOD, win) {num(r['estimate'])} "
+                    f"(p {num(r['p'], '.2g')})")
     return finding("Mass moves off the data (App. E): the share of sampled tokens never seen in a training "
                    "response grows as the win rate falls", f"SFT {sft(S)['ood_token_rate']:.4f}; " + "; ".join(text),
                    comps)
@@ -520,8 +524,8 @@ def within_size_metrics(S):
         text.append(f["measured"])
     pooled = [correlate(S, [p for p in S["points"] if p["loss"] == loss and p["series"] == loss], "eval_accuracy",
                         f"{loss} pooled over sizes: r(accuracy, win)", "none") for loss in plain_losses(S)]
-    text.append("pooled over sizes: " + ", ".join(f"{c['label'].split(' ')[0]} r(accuracy, win) {c['estimate']:.2f} "
-                                                   f"(p {c['p']:.3f})" for c in pooled))
+    text.append("pooled over sizes: " + ", ".join(f"{c['label'].split(' ')[0]} r(accuracy, win) {num(c['estimate'])} "
+                                                   f"(p {num(c['p'], '.3f')})" for c in pooled))
     return finding(f"Within each model size, held-out accuracy and DAA loss say little about win rate (§3.4; "
                    f"no correlation significant at p < {ALPHA:g})", "; ".join(text), comps)
 

@@ -126,3 +126,95 @@ def analyse(out):
     for p in points:
         del p["key"]
     return summary
+
+
+# ---------------------------------------------------------------- summary.md
+
+def md_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def f3(x):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def ci_text(f):
+    return "" if f["ci"] is None else f"{f['ci'][0]:.3g} … {f['ci'][1]:.3g} ({f['ci_of']})"
+
+
+def findings_table(rows):
+    return md_table(["finding (paper)", "measured", f"{findings.LEVEL:.0%} interval of the deciding comparison",
+                     "verdict"], [[f["finding"], f["measured"], ci_text(f), f["verdict"]] for f in rows])
+
+
+def runs_table(points, model):
+    rows = []
+    for name in sorted({p["series"] for p in points if p["model"] == model}):
+        for beta in sorted({p["beta"] for p in points if p["model"] == model and p["series"] == name}):
+            run = sorted((p for p in points if p["model"] == model and p["series"] == name and p["beta"] == beta),
+                         key=lambda p: p["fraction"])
+            end = run[-1]
+            rows.append([name, f"{beta:g}", " / ".join(f"{p['win_rate']:.2f}" for p in run),
+                         " / ".join(f"{p['kl']:.2f}" for p in run), f"{end['win_rate_se']:.3f}",
+                         f"{end['kl']:.2f}" + (f" ± {end['kl_sd']:.2f}" if end["n_seeds"] > 1 else ""),
+                         f3(end["ood_token_rate"]), f3(end["gold_reward"]), f"{end['hits']:.2f}",
+                         f"{end['other_words']:.2f}", f"{end['proxy_reward']:.2f}", f"{end['length_tokens']:.2f}",
+                         f"{end['length_words']:.2f}"])
+    return md_table(["series", "β", "win rate", "KL", "SE (100 %)", "final KL", "OOD", "gold", "hits",
+                     "other words", "proxy", "tokens", "words"], rows)
+
+
+def leaderboard_table(board):
+    rows = [[r["series"], f"{r['peak_win_rate']:.3f} ± {r['peak_win_rate_se']:.3f}", f"{r['peak_kl']:.2f}",
+             f"{r['max_kl']:.2f}", f"{r['drop_se']:.1f}",
+             " / ".join(f3(r["win_at_sqrt_kl"][d]) for d in r["win_at_sqrt_kl"]), r["hump"],
+             " / ".join(str(v) for v in r.get("vs_dpo", {}).values()) or "—"] for r in board["rows"]]
+    marks = " / ".join(board["rows"][0]["win_at_sqrt_kl"]) if board["rows"] else ""
+    return md_table(["series", "peak win rate", "peak KL", "max KL", "drop (SE)", f"win at √KL {marks}",
+                     f"hump (DPO collapses at KL {board['collapse_kl']:.1f})", f"vs DPO at √KL {marks}"], rows)
+
+
+def markdown(s):
+    model, sft = s["model"], s["sft_models"][s["model"]]
+    out = [f"# The miniature study: {s['task']['variant']} task, {s['task']['labeller']} labeller, "
+           f"{len(s['seeds'])} seed(s), model {model}", "",
+           f"SFT: win rate {sft['win_rate']:.3f} ± {sft['win_rate_se']:.3f}, {sft['length_tokens']:.2f} tokens "
+           f"({sft['length_words']:.2f} words), OOD token rate {sft['ood_token_rate']:.4f}, gold {sft['gold_reward']:.3f}"
+           f", proxy {sft['proxy_reward']:.2f}. Means over seeds ± standard errors (findings.py's docstring); "
+           f"intervals at {findings.LEVEL:.0%} from {findings.N_BOOT} bootstrap replicates over seeds and prompts.",
+           "", "**Each run over the epoch (win rate and KL at each checkpoint; the rest at the last)**", "",
+           runs_table(s["points"], model), "", "**β sets the KL budget (final checkpoints)**", "",
+           md_table(["series", "final KL, β ascending", "monotone", "span", "largest log gap / log range"],
+                    [[n, " / ".join(f"{k:.2f}" for k in c["final_kl"]), c["monotone"], f"{c['span']:.1f}×",
+                      f"{c['max_gap_share']:.0%}"] for n, c in s["beta_control"].items()]),
+           "", "**The paper's findings in miniature**", "", findings_table(s["findings"])]
+    if len(s["sft_models"]) > 1 or s["scaling_findings"]:
+        sizes = sorted(s["sft_models"].items(), key=lambda kv: kv[1]["params"])
+        out += ["", "**Model size**", "",
+                md_table(["model", "parameters", "seeds", "SFT win rate", "SFT lr", "held-out NLL / token",
+                          "excess over the task's entropy"],
+                         [[m, f"{v['params']:,.0f}", v["n_seeds"], f"{v['win_rate']:.3f} ± {v['win_rate_se']:.3f}",
+                           v.get("lr"), f3(v.get("valid_nll")), f3(v.get("excess_nll"))] for m, v in sizes]),
+                "", findings_table(s["scaling_findings"])]
+    if len(s["leaderboard"]["rows"]) > 3 or any("+" in r["series"] for r in s["leaderboard"]["rows"]):
+        out += ["", f"**The over-optimization bench at {model}**", "", leaderboard_table(s["leaderboard"])]
+    return "\n".join(out) + "\n"
+
+
+def main(out):
+    summary = analyse(out)
+    files.write_json(out / "summary.json", summary, indent=1)
+    text = markdown(summary)
+    files.write_text(out / "summary.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/tiny_summary.py OUT_DIR")
+    try:
+        main(Path(sys.argv[1]))
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        sys.exit(f"error: cannot summarise {sys.argv[1]}: {type(e).__name__}: {e} (did every stage of "
+                 "tiny_study.sh finish?)")
