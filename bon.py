@@ -31,9 +31,10 @@ effective sample size `ess` = 1/Σw² (per prompt, averaged) stays large. Its KL
     python bon.py --policy out/sft --rm out/rm --prompts data/eval_prompts.jsonl --n-samples 256 \\
         --train-data data --gold-spec data/gold.json --out out/bon
 
-Writes OUT/samples.jsonl (per prompt: the N samples and their scores) and then OUT/bon.jsonl,
-the results file fit.py reads: one row per (reward, n) with loss "bon", and per (reward, β)
-with loss "tilted". Both best-of-n KLs are bounded by log N − (N − 1)/N: N = 256 reaches 4.5
+Writes OUT/samples.jsonl (per prompt: the N samples and their scores), OUT/per_prompt.jsonl
+(per point, the per-prompt estimates whose means the point is: for bootstrap intervals) and
+then OUT/bon.jsonl, the results file fit.py reads: one row per (reward, n) with loss "bon",
+and per (reward, β) with loss "tilted". Both best-of-n KLs are bounded by log N − (N − 1)/N: N = 256 reaches 4.5
 (√KL 2.1), where the DAAs reach 15.
 """
 import argparse
@@ -81,7 +82,7 @@ def get_parser():
                    "forward)")
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone, as sample.py) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--out", required=True, help="output directory: samples.jsonl, then bon.jsonl")
+    p.add_argument("--out", required=True, help="output directory: samples.jsonl, per_prompt.jsonl, then bon.jsonl")
     # Best-of-n's KL holds for samples of π_ref itself: plain temperature-1 sampling (sample.draw reads these).
     p.set_defaults(temperature=1.0, top_k=0, top_p=1.0)
     return p
@@ -169,18 +170,19 @@ def score_prompt(row, tokens, tok, spec, seen_ids):
 
 
 def points(scores, values, ns, betas, has_ood):
-    """Result rows of one picking reward: best-of-n at each n and the tilted optimum at each β, as
-    means over prompts (win_rate_se: the spread of the per-prompt estimates over prompts)."""
-    P = len(scores)
+    """(result row, per-prompt values [P, K], per-prompt KL [P]) of one picking reward: best-of-n at
+    each n and the tilted optimum at each β. The row holds means over prompts (win_rate_se: the
+    spread of the per-prompt estimates over prompts)."""
     per_n = np.stack([best_of_n(s, v, ns) for s, v in zip(scores, values)])  # [P, len(ns), K]
     kls = np.stack([bon_kl(s, ns) for s in scores])
-    rows = [dict(loss="bon", n=n, kl=kls[:, j].mean(), kl_bound=math.log(n) - (n - 1) / n,
-                 **summarize(per_n[:, j], has_ood)) for j, n in enumerate(ns)]
+    out = [(dict(loss="bon", n=n, kl_bound=math.log(n) - (n - 1) / n), per_n[:, j], kls[:, j])
+           for j, n in enumerate(ns)]
     for beta in betas:
         t = [tilted(s, v, beta) for s, v in zip(scores, values)]
-        rows.append(dict(loss="tilted", beta=beta, kl=np.mean([x[1] for x in t]), ess=np.mean([x[2] for x in t]),
-                         ess_min=min(x[2] for x in t), **summarize(np.stack([x[0] for x in t]), has_ood)))
-    return [dict(r, prompts=P) for r in rows]
+        ess = [x[2] for x in t]
+        out.append((dict(loss="tilted", beta=beta, ess=np.mean(ess), ess_min=min(ess)), np.stack([x[0] for x in t]),
+                    np.array([x[1] for x in t])))
+    return [(dict(r, kl=kl.mean(), prompts=len(scores), **summarize(v, has_ood)), v, kl) for r, v, kl in out]
 
 
 def summarize(v, has_ood):
@@ -237,8 +239,12 @@ def main(argv=None):
     ns = sorted({min(2 ** k, args.n_samples) for k in range(args.n_samples.bit_length() + 1)})
     common = {"model": fit.model_of(policy_dir), "seed": args.seed, "samples": args.n_samples,
               "params": fit.n_params(policy.config.to_dict()), "fraction": None, "beta": None}
-    results = [{**common, "reward": reward, **r} for reward, scores in pickers.items()
-               for r in points(scores, values, ns, betas, seen_ids is not None)]
+    found = [({**common, "reward": reward, **r}, v, kl) for reward, scores in pickers.items()
+             for r, v, kl in points(scores, values, ns, betas, seen_ids is not None)]
+    files.write_text(out / "per_prompt.jsonl", "".join(json.dumps(files.finite(
+        {k: r[k] for k in ("reward", "loss", "n", "beta") if r.get(k) is not None} | {"id": [c["id"] for c in chosen],
+         "kl": kl.tolist(), **{k: v[:, i].tolist() for i, k in enumerate(VALUES)}})) + "\n" for r, v, kl in found))
+    results = [r for r, _, _ in found]
     files.write_text(out / "bon.jsonl", "".join(json.dumps(files.finite(r)) + "\n" for r in results))
     clock["estimators"] = time.time()
     stages = list(clock.items())

@@ -122,6 +122,13 @@ def test_results_follow_from_the_samples_and_fit_reads_them(run):
             assert r["win_rate"] == pytest.approx(np.mean([p[1] for p in per_prompt]))
             assert r["win_rate_se"] == pytest.approx(np.std([p[1] for p in per_prompt], ddof=1) / math.sqrt(6))
             assert r["kl_bound"] == pytest.approx(math.log(r["n"]) - (r["n"] - 1) / r["n"]) and r["kl"] <= r["kl_bound"] + 1e-12
+    per_prompt = [json.loads(line) for line in (run / "bon" / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(per_prompt) == len(results)
+    for r, p in zip(results, per_prompt):  # each point is the mean of its per-prompt estimates
+        assert (p["reward"], p["loss"], p.get("n", p.get("beta"))) == (r["reward"], r["loss"], r["n"] if r["loss"] == "bon" else r["beta"])
+        assert p["id"] == [s["id"] for s in samples]
+        assert (np.mean(p["win"]), np.mean(p["gold_reward"]), np.mean(p["kl"])) == \
+            pytest.approx((r["win_rate"], r["gold_reward"], r["kl"]), abs=1e-12)
     one = [r for r in results if r["loss"] == "bon" and r["n"] == 1]
     assert one[0]["kl"] == one[1]["kl"] == 0 and one[0]["win_rate"] == pytest.approx(one[1]["win_rate"])  # π_ref
     assert all(r["ood_token_rate"] >= 0 and r["model"] == "tiny-s" and r["samples"] == 8 for r in results)
@@ -144,3 +151,8 @@ def test_bad_input_is_one_line(run, tmp_path):
     r = subprocess.run([*args, "--betas", "0,1", "--out", str(tmp_path / "p")], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "error: --betas must be positive, got 0,1"
+
+
+def test_every_flag_is_explained():
+    for action in bon.get_parser()._actions:
+        assert action.help, action.option_strings
