@@ -10,7 +10,8 @@ A results file (CSV or JSONL) has one row per (model, loss, beta, fraction of
 the epoch): `model, loss, beta, fraction, win_rate, kl` are required;
 `win_rate_se, forward_kl, eval_accuracy, eval_loss, length_tokens, length_gamma,
 length_r2, length_gamma_centred, length_r2_centred, seed, params, length_alpha, nll_alpha`
-are optional (an empty cell
+are optional, as are the text columns `run, ckpt` (the run directory and checkpoint a row was
+read from) (an empty cell
 or null is missing), and any other numeric column is carried through. A row
 whose loss is "sft" or whose fraction is 0 is the SFT policy of its model:
 d = 0, where every loss's curve starts.
@@ -58,6 +59,7 @@ OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length_t
             "length_gamma_centred", "length_r2_centred",
             "seed", "params", "length_alpha", "nll_alpha")
 TEXT = ("model", "loss")
+SOURCE = ("run", "ckpt")  # text: where a run directory's row came from (its per-prompt samples and judgments)
 NAN = float("nan")
 
 # -----------------------------------------------------------------------------
@@ -187,8 +189,9 @@ def to_row(raw, where):
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
     row = {k: str(raw[k]) if k in TEXT else _number(raw.get(k), where, k) for k in REQUIRED + OPTIONAL}
+    row.update({k: str(raw[k]) for k in SOURCE if raw.get(k) not in (None, "")})
     for k, v in raw.items():  # any other numeric statistic is carried through (text columns are not)
-        if k not in row and k is not None:
+        if k not in row and k not in SOURCE and k is not None:
             try:
                 row[k] = _number(v, where, k)
             except ValueError:
@@ -260,6 +263,7 @@ def read_run(run):
     run = Path(run)
     args = _json(run / "args.json")
     loss, model = str(args.get("loss", "sft")), _model_name(args)
+    data_seed = _json(Path(str(args.get("data", ""))) / "gold.json").get("seed")  # the miniature's data seed
     rows = []
     for path in sorted(run.glob("samples-*.jsonl")):
         tag = path.name[len("samples-"):-len(".jsonl")]  # the checkpoint directory: ckpt-<examples>, latest
@@ -282,6 +286,7 @@ def read_run(run):
         stats = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append(to_row({**stats,
             "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction, "seed": args.get("seed"),
+            "run": str(run), "ckpt": tag, "data_seed": data_seed,
             "params": n_params(config) if config else None,
             "length_alpha": args.get("length_alpha", 0.0), "nll_alpha": args.get("nll_alpha", 0.0),
             "win_rate": wins.mean() if len(wins) else None,  # as judge.py's summary
@@ -319,11 +324,12 @@ def write_results(path, rows):
     """The results file (CSV) of `rows`, written atomically."""
     path = Path(path)
     with files.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
-        extra = sorted({k for r in rows for k in r} - set(REQUIRED + OPTIONAL))
-        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL + tuple(extra))
+        extra = sorted({k for r in rows for k in r} - set(REQUIRED + OPTIONAL + SOURCE))
+        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL + SOURCE + tuple(extra))
         w.writeheader()
         for r in rows:
-            w.writerow({k: r[k] if k in TEXT else _cell(r.get(k, NAN)) for k in w.fieldnames})
+            w.writerow({k: r[k] if k in TEXT else r.get(k, "") if k in SOURCE else _cell(r.get(k, NAN))
+                        for k in w.fieldnames})
 
 
 # -----------------------------------------------------------------------------

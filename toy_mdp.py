@@ -238,7 +238,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="full-batch Adam steps of each DAA run")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the DAA runs")
     p.add_argument("--hidden", type=int, default=64, help="GRU hidden size (also the action embedding size)")
-    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated DAA losses")
+    p.add_argument("--losses", default="dpo,ipo,slic", help="comma-separated DAA losses (daa.LOSSES; default: the "
+                   "paper's three, App. E)")
     p.add_argument("--betas", default=",".join(map(str, BETAS)), help="comma-separated betas")
     args = p.parse_args(argv)
     losses = args.losses.split(",")

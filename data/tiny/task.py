@@ -3,7 +3,9 @@
 A miniature TL;DR whose gold reward is known exactly, as Gao et al. (2022) used a gold
 reward model: preferences come from a *proxy* labeller, win rates from the *gold* reward.
 
-- A post is `POST:` + 8 words (3 important, 5 filler, shuffled) + ` TLDR:`.
+- A post is `POST:` + 8 words (3 important, 5 filler, shuffled) + ` TLDR:`. The `hard`
+  variant (VARIANTS), for a size axis where capacity binds, has 16 words (6 important of
+  20, 10 filler).
 - Gold reward (`gold_reward`): the important post words a summary names, over the post's
   important words (3), minus 0.25 per other word or repeat. Short and complete wins.
 - "Human" summaries (SFT targets, preference candidates, eval references) keep each
@@ -30,16 +32,21 @@ IMPORTANT = ["rent", "job", "exam", "sister", "boss", "car", "doctor", "wedding"
 FILLER = ["really", "just", "very", "so", "maybe", "like", "then", "also", "still", "actually",
           "basically", "honestly", "kind", "sort", "pretty", "quite", "anyway", "literally", "totally", "somehow",
           "apparently", "seriously", "probably", "definitely", "simply", "mostly", "rather", "almost", "lately", "again"]
-POST_IMPORTANT, POST_FILLER = 3, 5  # words of each kind in a post
+MORE_IMPORTANT = ["loan", "date", "school", "roommate", "lease", "flight", "surgery", "divorce", "puppy", "mortgage"]
+# The words a post draws from, and how many of each kind it has.
+VARIANTS = {"base": {"important": IMPORTANT, "filler": FILLER, "post_important": 3, "post_filler": 5},
+            "hard": {"important": IMPORTANT + MORE_IMPORTANT, "filler": FILLER, "post_important": 6,
+                     "post_filler": 10}}
 KEEP, MAX_FILLERS = 0.6, 3  # a human summary keeps an important word w.p. KEEP, adds 0..MAX_FILLERS fillers
 LABELLERS = {"aligned": 0.5, "length": 1.5}  # length_bias per word
 GOLD_SCALE = 3.0
 OTHER_COST = 0.25  # what the gold reward charges per word that is not a new important one
 
 
-def make_spec(labeller):
-    return {"important": IMPORTANT, "labeller": labeller, "gold_scale": GOLD_SCALE,
-            "length_bias": LABELLERS[labeller]}
+def make_spec(labeller, variant="base", seed=0):
+    """gold.json: the variant's words and counts, the labeller's weights, and the data seed."""
+    return {"variant": variant, **VARIANTS[variant], "labeller": labeller, "gold_scale": GOLD_SCALE,
+            "length_bias": LABELLERS[labeller], "seed": seed}
 
 
 def read_spec(path, required=("important", "gold_scale", "length_bias")):
@@ -53,15 +60,15 @@ def read_spec(path, required=("important", "gold_scale", "length_bias")):
 
 # ---------------------------------------------------------------- generating the data
 
-def make_post(rng):
-    words = rng.sample(IMPORTANT, POST_IMPORTANT) + rng.sample(FILLER, POST_FILLER)
+def make_post(rng, spec):
+    words = rng.sample(spec["important"], spec["post_important"]) + rng.sample(spec["filler"], spec["post_filler"])
     rng.shuffle(words)
     return words
 
 
-def human_summary(rng, post):
-    important = [w for w in post if w in IMPORTANT]
-    fillers = [w for w in post if w not in IMPORTANT]
+def human_summary(rng, post, spec):
+    important = [w for w in post if w in spec["important"]]
+    fillers = [w for w in post if w not in spec["important"]]
     words = [w for w in important if rng.random() < KEEP] + rng.sample(fillers, rng.randint(0, MAX_FILLERS))
     rng.shuffle(words)
     return words
@@ -75,23 +82,28 @@ def response_text(words):
     return "".join(" " + w for w in words)  # leading space, as TL;DR responses
 
 
-def summary_entropy():
+def summary_entropy(spec):
     """H(summary | post) in nats, exactly: the generator's own uncertainty, the floor of any model's
     NLL. A summary is a Bernoulli(KEEP) subset of the post's important words, f ~ U{0..MAX_FILLERS}
     of its fillers (a uniform f-subset), in a uniform order of the i + f distinct words."""
-    h = 0.0
-    for i in range(POST_IMPORTANT + 1):
-        p_i = math.comb(POST_IMPORTANT, i) * KEEP ** i * (1 - KEEP) ** (POST_IMPORTANT - i)
+    n_imp, n_fill, h = spec["post_important"], spec["post_filler"], 0.0
+    for i in range(n_imp + 1):
+        p_i = math.comb(n_imp, i) * KEEP ** i * (1 - KEEP) ** (n_imp - i)
         for f in range(MAX_FILLERS + 1):
-            log_p = (i * math.log(KEEP) + (POST_IMPORTANT - i) * math.log(1 - KEEP) - math.log(MAX_FILLERS + 1)
-                     - math.log(math.comb(POST_FILLER, f)) - math.lgamma(i + f + 1))
+            log_p = (i * math.log(KEEP) + (n_imp - i) * math.log(1 - KEEP) - math.log(MAX_FILLERS + 1)
+                     - math.log(math.comb(n_fill, f)) - math.lgamma(i + f + 1))
             h -= p_i / (MAX_FILLERS + 1) * log_p
     return h
 
 
-def summary_tokens():
+def summary_tokens(spec):
     """E[tokens of a summary], EOS included: every word is one token of the task's tokenizer."""
-    return POST_IMPORTANT * KEEP + MAX_FILLERS / 2 + 1
+    return spec["post_important"] * KEEP + MAX_FILLERS / 2 + 1
+
+
+def entropy_per_token(spec):
+    """The floor of a model's held-out NLL per token (sft.py's eval/nll_per_token): H / E[tokens]."""
+    return summary_entropy(spec) / summary_tokens(spec)
 
 
 # ---------------------------------------------------------------- the rewards
