@@ -16,13 +16,13 @@ Layout (HOME = OUT/<size>/s<seed>; DATA = OUT/data/s<seed>, or OUT/data with --s
     HOME/sft                    the SFT model, reference of every run beside it; under --scaling a link to
                                 the HOME/sft-lr<lr> of least held-out NLL (HOME/sft-choice.json)
     HOME/<loss>-<β>[-<arm>]     a DAA run, with samples-<ckpt>.jsonl and judgments-<ckpt>.jsonl
-    HOME/rm, HOME/bon           --frontier: the reward model, best-of-n (bon/results.jsonl)
+    HOME/rm, HOME/bon           --frontier: the reward model, best-of-n (bon/bon.jsonl, fit.py reads it)
     HOME/<run>.log              the output of every command that wrote that run directory
     OUT/fit/, OUT/summary.json  fit.py; scripts/tiny_summary.py (tiny preset)
 
 Resume: run the same command again. A finished output is skipped (`# skip ...`): a DATA that exists, a
 training run whose latest/trainer_state.json has step == total_steps, a checkpoint's samples summary, a
-judgments summary counting every sample, bon/results.jsonl, sft-choice.json. A half-done one resumes:
+judgments summary counting every sample, bon/bon.jsonl, sft-choice.json. A half-done one resumes:
 sft.py, daa.py and rm.py from `latest`, judge.py appends to its judgments, sample.py gets only the
 checkpoints without a summary. fit and the summary always run (seconds).
 """
@@ -62,8 +62,9 @@ TINY = {
     "optimizer": "rmsprop", "lr": {size: 1e-4 for size in SIZES}, "warmup": 30, "checkpoints": 4,  # DAA
     "losses": ["dpo", "ipo", "slic"],
     "betas": {"dpo": DPO_GRID, "ipo": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0],  # IPO's target margin is 1/(2β)
-              "slic": DPO_GRID,
-              **{loss: DPO_GRID for loss in ("chipo", "dpop", "caldpo", "simpo")}},  # TODO(lead): grid from the sweep
+              "slic": DPO_GRID,  # the published fixes: docs/study.md's sweep (β means something else in each)
+              "chipo": [1.0, 0.3, 0.1, 0.03, 0.01, 0.001], "dpop": DPO_GRID,  # at λ 50 no grid spans 10×
+              "caldpo": [0.1, 0.03, 0.01, 0.003, 0.001, 0.0003], "simpo": [0.3, 0.5, 0.7, 1.0, 2.0, 10.0]},
     "arms": [],  # extra DAA runs at the main size on their loss's β grid: {"suffix", "loss", "flags" (daa.py)}
     "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n
     "env": {"OMP_NUM_THREADS": "1"},  # one thread per process, --jobs processes side by side
@@ -258,7 +259,7 @@ def home_steps(cfg, home, size, seed, data):
     steps.append(Step("bon", size, ["python", "bon.py", "--policy", sft, "--rm", rm, "--prompts", data /
                                     "eval_prompts.jsonl", "--n-samples", cfg["bon_samples"], "--train-data", data,
                                     "--gold-spec", data / "gold.json", "--out", bon],
-                      (bon / "results.jsonl",), (sft, rm, data), log(bon)))
+                      (bon / "bon.jsonl",), (sft, rm, data), log(bon)))
     for name, loss, beta, flags in runs:
         if loss == "dpo" and not flags:
             steps += evaluate(cfg, size, data, home / name, sft, ckpts, ["--in-support"], "+in_support")
