@@ -50,10 +50,9 @@ DPO_GRID = [0.1, 0.15, 0.2, 0.3, 0.5, 1.0]
 LENGTH_ARM = {"suffix": "len0.5", "loss": "dpo", "flags": ["--length-alpha", "0.5"]}  # Park et al., Fig. 3 left
 
 # The miniature: a tiny GPT-NeoX trained from scratch on data/tiny, judged by its gold reward. DAA as App. B
-# (RMSprop, linear warmup then constant, one epoch, 4 checkpoints), scaled to a ~140k-parameter model: batch
-# 64, lr 1e-4, 30 warmup steps. A sweep chose them (docs/study.md): at lr 3e-5 β hardly moves the final KL
-# (3× over β 0.1–1); at 3e-4 the KL saturates within 25–50 % of the epoch; at 1e-4 it falls monotonically
-# with β over 20× (AdamW as well; RMSprop is the paper's). SFT only has to give a sensible reference.
+# (RMSprop, warmup then constant, one epoch, 4 checkpoints) at batch 64, lr 1e-4, 30 warmup steps: a sweep chose
+# them (docs/study.md; at 1e-4 the final KL falls monotonically with β over 20×, at 3e-5 over 3×, at 3e-4 it
+# saturates within half the epoch). SFT only has to give a sensible reference.
 TINY = {
     "preset": "tiny", "sizes": ["tiny-m"], "main": "tiny-m",  # arms and --frontier run at the main size
     "sft_examples": 30000, "pref_examples": 20000, "eval_prompts": 600,  # data/tiny/prepare.py
@@ -95,9 +94,8 @@ MODES = ("scaling", "bench", "frontier", "quick")
 PAPER = {
     "preset": "paper", "sizes": ["pythia-1b", "pythia-2.8b", "pythia-6.9b"], "main": None, "arms": [],
     "nproc": {"pythia-1b": 2, "pythia-2.8b": 4, "pythia-6.9b": 4},  # App. B: 2 A40, 4 A40, 4 A100 (others: 8)
-    # DDP holds 16 bytes per parameter on every GPU (fp32 weights, gradients, RMSprop state, the live
-    # reference): 45 GB at 2.8B, more than an A40's 48 GB leaves beside activations; 110 GB at 6.9B.
-    # FSDP over 4 GPUs: 11 and 28 GB each. 1B under DDP: 16 GB + about 5 GB for 8 shared pairs in bf16.
+    # DDP holds 16 B per parameter on every GPU (fp32 weights, gradients, RMSprop state, the live reference):
+    # 45 GB at 2.8B, more than an A40's 48 GB leaves beside activations. FSDP over 4 GPUs: 11 GB (6.9B: 28).
     "fsdp": ["pythia-2.8b", "pythia-6.9b", "pythia-12b"],
     "grad_accum": 8,  # App. B: "batch size of 128 (8 gradient accumulation steps)"
     # The paper uses seven β per loss but does not list them: this grid is ours, the same for all
@@ -108,8 +106,8 @@ PAPER = {
     "batch_size": 128, "checkpoints": 4,  # sft.py / daa.py defaults (App. B), for the plan and estimate
     "sft_examples": 116722, "pref_examples": 92858,  # data/tldr/prepare.py's sft_train and pref_train rows
     "env": {}, "judge_jobs": 2,  # judging runs beside the GPU jobs, two at a time: it waits on the API
-    # --dry-run estimate, assumed: TL;DR prompt (post) and human summary tokens, a policy sample,
-    # and one judge request (our prompt template ~150 tokens + post + both summaries) and its reply.
+    # --dry-run estimate, assumed: TL;DR post and summary tokens, a policy sample, a judge request (~150
+    # template tokens + post + both summaries) and its reply
     "tokens": {"prompt": 350, "response": 30, "sample": 100, "judge_in": 630, "judge_out": 40},
 }
 
@@ -340,8 +338,8 @@ def pick_sft(link, runs):
     os.symlink(best, tmp)  # relative: the runs sit beside the link
     os.replace(tmp, link)  # atomic (a run directory in its place: check_out refuses before)
     files.write_json(link.with_name(f"{link.name}-choice.json"), {"chosen": best, "runs": choice})
-    print(f"{link} -> {best}: held-out NLL per token " + ", ".join(f"{r} {c['nll_per_token']:.4f}"
-                                                                 for r, c in choice.items()))
+    nll = ", ".join(f"{r} {c['nll_per_token']:.4f}" for r, c in choice.items())
+    print(f"{link} -> {best}; held-out NLL per token: {nll}")
 
 
 # ---------------------------------------------------------------- running
@@ -360,8 +358,7 @@ def start(s, env):
     if s.log:
         s.log.parent.mkdir(parents=True, exist_ok=True)
         log = open(s.log, "a")
-        log.write(f"\n$ {shlex.join(map(str, s.cmd))}\n")
-        log.flush()
+        print(f"\n$ {shlex.join(map(str, s.cmd))}", file=log, flush=True)
     argv = [sys.executable if i == 0 and a == "python" else str(a) for i, a in enumerate(s.cmd)]
     return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log,
                             stderr=subprocess.STDOUT if log else None), s, log

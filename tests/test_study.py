@@ -176,7 +176,7 @@ def test_frontier_plan(tmp_path, capsys):
     judged = [c[2] for c in script_runs(cmds, "judge.py") if "+in_support" in c[2]]
     assert judged == [str(home / "dpo-0.1" / f"samples-ckpt-{n}+in_support.jsonl") for n in (320, 704, 1024)]
     assert str(home / "dpo-0.1-online4") in script_runs(cmds, "fit.py")[0]
-    assert str(home / "bon" / "results.jsonl") in script_runs(cmds, "fit.py")[0]
+    assert str(home / "bon" / "bon.jsonl") in script_runs(cmds, "fit.py")[0]
     order = [flag(c, "--out") or c[1] for c in cmds]
     assert order.index(str(home / "sft")) < order.index(str(home / "rm")) < order.index(str(home / "bon"))
 
