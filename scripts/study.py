@@ -28,6 +28,7 @@ checkpoints without a summary. fit and the summary always run (seconds).
 """
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -193,7 +194,8 @@ def log(path):
 def ckpt_names(cfg, split, n, checkpoints):
     """The ckpt-<examples> names a run writes (training.make_plan's spacing) over a split's rows: the prepared
     file's, or before prepare has run, the preset's count n."""
-    n, B = sum(1 for line in split.open() if line.strip()) if split.is_file() else n, cfg["batch_size"]
+    n = sum(1 for line in split.open() if line.strip()) if split.is_file() else n
+    B = cfg["batch_size"]
     plan = training.make_plan(SimpleNamespace(batch_size=B, micro_batch_size=B, epochs=1, checkpoints=checkpoints,
                                               seed=0), SimpleNamespace(world=1, rank=0), n)
     return [f"ckpt-{step * B}" for step in plan.checkpoint_steps]
@@ -329,16 +331,21 @@ def pick_sft(link, runs):
     """The --scaling pick step: point `link` (HOME/sft) at the run of least held-out NLL per token (sft.py's
     latest/eval.json, on sft_valid), so that sizes are compared each at its best SFT lr (issue 21.7), and
     write HOME/sft-choice.json: {"chosen": run name, "runs": {run name: {"lr", "nll_per_token"}}}."""
-    link, runs = Path(link), [Path(r) for r in runs]
-    choice = {r.name: {"lr": read_json(r / "args.json")["lr"],
-                       "nll_per_token": read_json(r / "latest" / "eval.json")["eval/nll_per_token"]} for r in runs}
-    best = min(choice, key=lambda r: choice[r]["nll_per_token"])
+    link, choice = Path(link), {}
+    for run in map(Path, runs):
+        ev = read_json(run / "latest" / "eval.json")
+        if "eval/nll_per_token" not in ev:
+            raise ValueError(f"{run}/latest/eval.json has no eval/nll_per_token (sft.py --eval-examples 0?)")
+        choice[run.name] = {"lr": read_json(run / "args.json")["lr"], "nll_per_token": ev["eval/nll_per_token"]}
+    best = min(choice, key=lambda r: math.inf if choice[r]["nll_per_token"] is None else choice[r]["nll_per_token"])
+    if choice[best]["nll_per_token"] is None:  # files.write_json writes a NaN as null: a run that diverged
+        raise ValueError(f"no finite held-out NLL in {', '.join(runs)}")
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
     os.symlink(best, tmp)  # relative: the runs sit beside the link
     os.replace(tmp, link)  # atomic (a run directory in its place: check_out refuses before)
     files.write_json(link.with_name(f"{link.name}-choice.json"), {"chosen": best, "runs": choice})
-    nll = ", ".join(f"{r} {c['nll_per_token']:.4f}" for r, c in choice.items())
+    nll = ", ".join(f"{r} {c['nll_per_token']}" for r, c in choice.items())
     print(f"{link} -> {best}; held-out NLL per token: {nll}")
 
 

@@ -213,7 +213,7 @@ def test_a_failure_starts_nothing_new(tmp_path, capsys):
 
 def test_pick_sft_links_the_least_nll(tmp_path, capsys):
     home = tmp_path / "tiny-s" / "s0"
-    for lr, nll in ((1e-3, 2.5), (2e-3, 2.25), (4e-3, 2.75)):
+    for lr, nll in ((1e-3, 2.5), (2e-3, 2.25), (4e-3, None)):  # None: NaN in sft.py's eval.json (diverged)
         run = home / f"sft-lr{lr:g}"
         (run / "ckpt-1984").mkdir(parents=True)
         (run / "latest").symlink_to("ckpt-1984")
@@ -224,10 +224,13 @@ def test_pick_sft_links_the_least_nll(tmp_path, capsys):
     assert (home / "sft").is_symlink() and str((home / "sft").readlink()) == "sft-lr0.002"  # relative
     choice = json.loads((home / "sft-choice.json").read_text())
     assert choice["chosen"] == "sft-lr0.002"
-    assert choice["runs"]["sft-lr0.004"] == {"lr": 4e-3, "nll_per_token": 2.75} and len(choice["runs"]) == 3
+    assert choice["runs"]["sft-lr0.001"] == {"lr": 1e-3, "nll_per_token": 2.5} and len(choice["runs"]) == 3
+    assert choice["runs"]["sft-lr0.004"]["nll_per_token"] is None
     (home / "sft-lr0.004" / "ckpt-1984" / "eval.json").write_text(json.dumps({"eval/nll_per_token": 1.0}))
     driver.main(["pick-sft", str(home / "sft"), *runs])  # a re-run replaces the link
     assert str((home / "sft").readlink()) == "sft-lr0.004"
+    with pytest.raises(ValueError, match="no eval/nll_per_token"):
+        driver.main(["pick-sft", str(home / "sft"), *runs, str(tmp_path / "not-a-run")])
 
 
 @pytest.fixture(scope="module")
