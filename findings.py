@@ -595,3 +595,89 @@ def leaderboard(S):
     kl_collapse = collapse_kl(S)
     return {"collapse_kl": kl_collapse, "rows": [leaderboard_row(S, n, kl_collapse) for n in names
                                                  if S.get("on_board", lambda n: True)(n)]}
+
+
+# ---------------------------------------------------------------- the RLHF frontier (issue 23)
+
+def hump_within(S, pts, name):
+    """Per replicate: the statistic's best over the points minus its value at the highest-KL point."""
+    vals = stack(S, pts, name)
+    return vals.max(0) - pick(vals, stack(S, pts, "kl").argmax(0))
+
+
+def like_rlhf(S):
+    """DAAs against best-of-n on the learned reward model (Gao et al.'s RLHF arm): both over-optimize the
+    gold reward, and how their gold rewards compare at matched KL."""
+    bon = series(S, "bon-rm")
+    if not bon:
+        return None
+    comps = [compare("best-of-n (RM): best gold − gold at the largest n", hump_within(S, bon, "gold_reward"))]
+    text = [f"best-of-n (RM): gold {max(p['gold_reward'] for p in bon):.3f} at best, "
+            f"{max(bon, key=lambda p: p['kl'])['gold_reward']:.3f} at n = {max(p['n'] for p in bon)} "
+            f"(KL {max(p['kl'] for p in bon):.2f})"]
+    for loss in plain_losses(S):
+        pts = series(S, loss)
+        comps.append(compare(f"{loss}: best gold − gold at the highest-KL point", hump_within(S, pts, "gold_reward")))
+        for d in SQRT_KL_MARKS:
+            diff = at_sqrt_kl(S, pts, "gold_reward", d) - at_sqrt_kl(S, bon, "gold_reward", d)
+            if math.isfinite(diff[0]):
+                text.append(f"{loss} − best-of-n (RM), gold at √KL {d:g}: {fmt_ci(compare('', diff))}")
+    return finding("DAAs over-optimize like classical RLHF (§1, Gao et al. 2022): the gold reward rises then falls "
+                   "with KL for each DAA and for best-of-n on the learned reward model", "; ".join(text), comps)
+
+
+def online_reduces_hump(S):
+    """Online DPO (its own samples, labelled each round) against offline DPO at matched KL, at the √KL
+    marks past offline DPO's best point: where offline DPO has started to fall."""
+    online = sorted({p["series"] for p in S["points"] if p["model"] == S["model"] and "+online" in p["series"]
+                     and "+insupport" not in p["series"]})
+    if not online or not series(S, "dpo"):
+        return None
+    peak = math.sqrt(max(series(S, "dpo"), key=lambda p: p["win_rate"])["kl"])
+    comps, text = [], []
+    for name in online:
+        for d in (d for d in SQRT_KL_MARKS if d > peak):
+            diff = at_sqrt_kl(S, series(S, name), "win", d) - at_sqrt_kl(S, series(S, "dpo"), "win", d)
+            if math.isfinite(diff[0]):
+                c = compare(f"{name} − dpo, win at √KL {d:g}", diff)
+                comps.append(c)
+                text.append(f"{c['label']}: {fmt_ci(c)}")
+        best = max(series(S, name), key=lambda p: p["win_rate"])
+        top = max(series(S, name), key=lambda p: p["kl"])
+        text.append(f"{name}: best {best['win_rate']:.3f} at KL {best['kl']:.2f}, highest KL {top['kl']:.2f} → "
+                    f"{top['win_rate']:.3f} (drop {drop_in_se(S, best, top):.1f} SE)")
+    return finding(f"Online data reduces the hump (§4): online DPO keeps more win rate than offline DPO at matched "
+                   f"KL past offline DPO's best (√KL {peak:.2f})", "; ".join(text) or "no √KL mark past offline "
+                   "DPO's best that both reach", comps)
+
+
+def in_support_recovers(S):
+    """Each checkpoint whose win rate fell DROP_SE below its series' best, re-sampled with only the tokens
+    of the training responses: the share of the lost win rate that comes back is the part of the
+    collapse due to token-level OOD mass; the rest is extrapolation inside the vocabulary."""
+    comps, shares, text = [], [], []
+    for loss in plain_losses(S):
+        pts = series(S, loss)
+        twins = {(p["beta"], p["fraction"]): p for p in series(S, f"{loss}+insupport")}
+        if not twins:
+            continue
+        best = max(pts, key=lambda p: p["win_rate"])
+        for p in pts:
+            twin = twins.get((p["beta"], p["fraction"]))
+            if twin is None or drop_in_se(S, best, p) < DROP_SE:
+                continue
+            lost, back = stat(S, best, "win") - stat(S, p, "win"), stat(S, twin, "win") - stat(S, p, "win")
+            comps.append(compare(f"{loss} {where(p)} (KL {p['kl']:.1f}): in-support − plain", back))
+            shares.append(back / lost)
+            text.append(f"{loss} {where(p)}: {p['win_rate']:.3f} → {twin['win_rate']:.3f} in support "
+                        f"(best {best['win_rate']:.3f}, OOD {p['ood_token_rate']:.2f} → {twin['ood_token_rate']:.2f})")
+    if not shares:
+        return None
+    share = compare("share of the lost win rate recovered", np.nanmean(np.stack(shares), 0))
+    return finding("In-support sampling recovers the win rate lost to token-level OOD mass (§4, App. E): "
+                   f"it recovers {fmt_ci(share, 2)} of the lost win rate; the rest is extrapolation inside the "
+                   "vocabulary", "; ".join(text), comps)
+
+
+def frontier_findings(S):
+    return [f for f in (like_rlhf(S), online_reduces_hump(S), in_support_recovers(S)) if f is not None]

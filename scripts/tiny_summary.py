@@ -83,20 +83,22 @@ def sft_model_info(rows, spec):
                 "lr_grid": i["grid"]} for m, i in out.items()}
 
 
-def beta_control(points, model):
-    """Per series: do final KLs fall monotonically with β, over how wide a range, and without clusters
-    (the largest gap between consecutive final KLs in log space, as a share of the log range)?"""
+def beta_control(points):
+    """Per model and series: do final KLs fall monotonically with β, over how wide a range, and without
+    clusters (the largest gap between consecutive final KLs in log space, as a share of the log range)?
+    The rule that chose the DAA regime (docs/study.md), applied to every size."""
     out = {}
-    for name in sorted({p["series"] for p in points if p["model"] == model} - {"sft"}):
+    for model, name in sorted({(p["model"], p["series"]) for p in points}):
         final = sorted((p for p in points if p["model"] == model and p["series"] == name and p["fraction"] == 1.0),
                        key=lambda p: p["beta"])
         kls = [p["kl"] for p in final]
         if len(kls) < 2 or min(kls) <= 0:
             continue
         logs = np.log(sorted(kls))
-        out[name] = {"betas": [p["beta"] for p in final], "final_kl": kls, "span": max(kls) / min(kls),
-                     "monotone": all(a > b for a, b in zip(kls, kls[1:])),
-                     "max_gap_share": float(np.diff(logs).max() / (logs[-1] - logs[0]))}
+        out.setdefault(model, {})[name] = {
+            "betas": [p["beta"] for p in final], "final_kl": kls, "span": max(kls) / min(kls),
+            "monotone": all(a > b for a, b in zip(kls, kls[1:])),
+            "max_gap_share": float(np.diff(logs).max() / (logs[-1] - logs[0]))}
     return out
 
 
@@ -121,7 +123,7 @@ def analyse(out):
                "thresholds": findings.THRESHOLDS, "seeds": sorted(table), "model": model,
                "sft": {k: sfts[model][k] for k in ("win_rate", "win_rate_se")}, "sft_models": sfts,
                "runs": [r for r in rows if not is_sft(r)], "points": S["points"],
-               "beta_control": beta_control(points, model), "findings": findings.paper_findings(S),
+               "beta_control": beta_control(S["points"]), "findings": findings.paper_findings(S),
                "scaling_findings": findings.scaling_findings(S), "leaderboard": findings.leaderboard(S)}
     for p in points:
         del p["key"]
@@ -185,9 +187,9 @@ def markdown(s):
            f"intervals at {findings.LEVEL:.0%} from {findings.N_BOOT} bootstrap replicates over seeds and prompts.",
            "", "**Each run over the epoch (win rate and KL at each checkpoint; the rest at the last)**", "",
            runs_table(s["points"], model), "", "**β sets the KL budget (final checkpoints)**", "",
-           md_table(["series", "final KL, β ascending", "monotone", "span", "largest log gap / log range"],
-                    [[n, " / ".join(f"{k:.2f}" for k in c["final_kl"]), c["monotone"], f"{c['span']:.1f}×",
-                      f"{c['max_gap_share']:.0%}"] for n, c in s["beta_control"].items()]),
+           md_table(["model", "series", "final KL, β ascending", "monotone", "span", "largest log gap / log range"],
+                    [[m, n, " / ".join(f"{k:.2f}" for k in c["final_kl"]), c["monotone"], f"{c['span']:.1f}×",
+                      f"{c['max_gap_share']:.0%}"] for m, by in s["beta_control"].items() for n, c in by.items()]),
            "", "**The paper's findings in miniature**", "", findings_table(s["findings"])]
     if len(s["sft_models"]) > 1 or s["scaling_findings"]:
         sizes = sorted(s["sft_models"].items(), key=lambda kv: kv[1]["params"])
