@@ -2,7 +2,8 @@
 
     python scripts/study.py tiny OUT [--quick] [--seeds N] [--same-data] [--scaling] [--bench] [--frontier]
         [--losses LIST] [--variant NAME] [--labeller NAME] [--no-byte-fallback] [--jobs N] [--dry-run]
-    python scripts/study.py paper OUT [--sizes pythia-1b,pythia-2.8b,pythia-6.9b] [--nproc N] [--seeds N] [--dry-run]
+    python scripts/study.py paper OUT [--sizes pythia-1b,pythia-2.8b,pythia-6.9b] [--nproc N] [--seeds N] [--jobs N]
+        [--dry-run]
 
 (scripts/tiny_study.sh and scripts/paper_study.sh; docs/study.md.) plan() writes the study as a flat,
 ordered list of steps: a command of the repository's scripts, the outputs it writes, the outputs it
