@@ -311,6 +311,8 @@ def check_out(out, steps, dry_run):
     """Refuse an OUT whose data came from other data flags (OUT/study.json: each DATA's prepare command,
     written before prepare runs) or that was made with --scaling where this study has none, or the reverse."""
     made = read_json(out / "study.json").get("prepare", {})
+    if isinstance(made, list):  # one prepare command, OUT/data
+        raise ValueError(f"{out} was made before each seed had its own data (OUT/data/s<seed>): use a new OUT")
     want = {str(s.out[0]): [str(a) for a in s.cmd] for s in steps if s.kind == "prepare"}
     for data, cmd in want.items():
         clash = [d for d in made if d.startswith(data + "/") or data.startswith(d + "/")]  # OUT/data vs OUT/data/s0
