@@ -314,7 +314,8 @@ def rmse_ratios(S, pts, model=None):
                    for s in ("r_d", "quadratic_kl", "quadratic_d")}
         except ValueError:
             continue
-        out[:, b] = err["quadratic_kl"] / err["r_d"], err["quadratic_d"] / err["r_d"]
+        if err["r_d"] > 0:  # an exact fit (as many points as coefficients) has no ratio
+            out[:, b] = err["quadratic_kl"] / err["r_d"], err["quadratic_d"] / err["r_d"]
     return out
 
 

@@ -67,13 +67,15 @@ TINY = {
               "chipo": [1.0, 0.3, 0.1, 0.03, 0.01, 0.001], "dpop": DPO_GRID,  # at λ 50 no grid spans 10×
               "caldpo": [0.1, 0.03, 0.01, 0.003, 0.001, 0.0003], "simpo": [0.3, 0.5, 0.7, 1.0, 2.0, 10.0]},
     "arms": [],  # extra DAA runs at the main size on their loss's β grid: {"suffix", "loss", "flags" (daa.py)}
-    "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n
+    "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n (bon.py:
+    # the same length cap)
     "env": {"OMP_NUM_THREADS": "1"},  # one thread per process, --jobs processes side by side
     # --dry-run estimate: tokens per example measured on data/tiny (prompt ~10, response ~3 + EOS)
     "tokens": {"prompt": 10, "response": 4, "sample": 8, "judge_in": 0, "judge_out": 0},
     # The modes' sub-dicts go over the above in MODES' order (--quick last: a quick version of each).
     "scaling": {  # issues 14, 21.7: three sizes, each its own SFT reference at its SFT lr of least held-out NLL
-        "sizes": SIZES, "sft_lrs": {size: [1e-3, 2e-3, 4e-3] for size in SIZES},  # TODO(lead): the grid
+        # The grid brackets every size's least held-out NLL on both task variants (a probe, docs/study.md).
+        "sizes": SIZES, "sft_lrs": {size: [5e-4, 1e-3, 2e-3] for size in SIZES},
         "arms": [LENGTH_ARM, {"suffix": "nll1", "loss": "dpo", "flags": ["--nll-alpha", "1"]}],  # RPO
     },
     "bench": {  # issue 22.3: seven losses; RPO at two small α (placeholders) and length-regularised DPO
@@ -259,7 +261,7 @@ def home_steps(cfg, home, size, seed, data):
                                    *train_flags(cfg, size, "rm", cfg["rm_lr"])], (rm,), (sft, data), log(rm)))
     steps.append(Step("bon", size, ["python", "bon.py", "--policy", sft, "--rm", rm, "--prompts", data /
                                     "eval_prompts.jsonl", "--n-samples", cfg["bon_samples"], "--train-data", data,
-                                    "--gold-spec", data / "gold.json", "--out", bon],
+                                    "--gold-spec", data / "gold.json", "--out", bon, *cfg["sample_flags"][:2]],
                       (bon / "bon.jsonl",), (sft, rm, data), log(bon)))
     for name, loss, beta, flags in runs:
         if loss == "dpo" and not flags:
