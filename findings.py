@@ -558,12 +558,13 @@ def scaling_findings(S):
 # ---------------------------------------------------------------- the over-optimization bench (the leaderboard)
 
 def collapse_kl(S):
-    """The KL at which DPO collapses: the lowest KL of a DPO point DROP_SE paired SEs below DPO's best."""
+    """The KL at which DPO collapses: the lowest KL, beyond its best point's, of a DPO point DROP_SE paired
+    SEs below that best."""
     pts = series(S, "dpo")
     if not pts:
         return math.nan
     best = max(pts, key=lambda p: p["win_rate"])
-    fallen = [p["kl"] for p in pts if drop_in_se(S, best, p) >= DROP_SE]
+    fallen = [p["kl"] for p in pts if p["kl"] > best["kl"] and drop_in_se(S, best, p) >= DROP_SE]
     return min(fallen) if fallen else math.nan
 
 

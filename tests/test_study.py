@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import study as driver  # noqa: E402
 
+import findings  # noqa: E402
+
 
 def study(script, out, *flags):
     done = subprocess.run(["bash", ROOT / "scripts" / script, out, *flags], capture_output=True, text=True)
@@ -259,6 +261,21 @@ def test_quick_study_end_to_end(quick):
         assert {"loss", "beta", "fraction", "win_rate", "win_rate_se", "kl", "length_tokens", "n_seeds"} <= set(p)
         assert 0 <= p["win_rate"] <= 1 and p["kl"] > -1 and p["n_seeds"] == 1
         assert 0 <= p["ood_token_rate"] <= 1 and math.isfinite(p["gold_reward"] + p["proxy_reward"])  # sample.py's
+        assert p["length_tokens"] >= p["length_words"] - 1e-4 and p["hits"] + p["other_words"] == pytest.approx(
+            p["length_words"], rel=1e-5)  # results.csv keeps 6 digits. A word is one token of the task's tokenizer; hits + other words = words
+    text = (out / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}: not strict JSON"))
+    assert summary["thresholds"] == findings.THRESHOLDS and summary["seeds"] == [0]
+    assert {"lr", "valid_nll", "excess_nll"} <= set(summary["sft_models"]["tiny-m"])
+    assert summary["sft_models"]["tiny-m"]["excess_nll"] > 0  # above the generator's exact entropy
+    for f in summary["findings"] + summary["scaling_findings"]:
+        assert set(f) == {"finding", "measured", "verdict", "ci", "ci_of", "level", "comparisons"}
+        assert f["verdict"] in findings.VERDICTS
+        if f["verdict"] not in ("not applicable", "not measured"):  # the rule, from the comparisons alone
+            assert f["verdict"] == findings.verdict(f["comparisons"])
+    assert {f["finding"].split(" (")[0] for f in summary["findings"] if f["verdict"] == "not applicable"} == {
+        "Length exploitation"}  # the aligned labeller never pays for length
+    assert [r["series"] for r in summary["leaderboard"]["rows"]] == ["dpo", "ipo", "slic"]
     # ---- end of the lead's assertions ----
 
 
