@@ -314,7 +314,8 @@ def rmse_ratios(S, pts, model=None):
                    for s in ("r_d", "quadratic_kl", "quadratic_d")}
         except ValueError:
             continue
-        out[:, b] = err["quadratic_kl"] / err["r_d"], err["quadratic_d"] / err["r_d"]
+        if err["r_d"] > 0:  # an exact fit (as many points as coefficients) has no ratio
+            out[:, b] = err["quadratic_kl"] / err["r_d"], err["quadratic_d"] / err["r_d"]
     return out
 
 
@@ -557,12 +558,13 @@ def scaling_findings(S):
 # ---------------------------------------------------------------- the over-optimization bench (the leaderboard)
 
 def collapse_kl(S):
-    """The KL at which DPO collapses: the lowest KL of a DPO point DROP_SE paired SEs below DPO's best."""
+    """The KL at which DPO collapses: the lowest KL, beyond its best point's, of a DPO point DROP_SE paired
+    SEs below that best."""
     pts = series(S, "dpo")
     if not pts:
         return math.nan
     best = max(pts, key=lambda p: p["win_rate"])
-    fallen = [p["kl"] for p in pts if drop_in_se(S, best, p) >= DROP_SE]
+    fallen = [p["kl"] for p in pts if p["kl"] > best["kl"] and drop_in_se(S, best, p) >= DROP_SE]
     return min(fallen) if fallen else math.nan
 
 
