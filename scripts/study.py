@@ -226,8 +226,9 @@ def daa_runs(cfg, size, data):
                  for a in cfg["arms"] if a["loss"] in grid for b in grid[a["loss"]]]
     if size == cfg["main"] and "frontier" in cfg["modes"]:
         k = cfg["online"]
-        runs += [(f"dpo-{b:g}-online{k}", "dpo", b, ["--online", k, "--gold-spec", data / "gold.json"])
-                 for b in grid.get("dpo", [])]
+        runs += [(f"dpo-{b:g}-online{k}", "dpo", b, ["--online", k, "--gold-spec", data / "gold.json",
+                                                    "--online-max-new-tokens", cfg["sample_flags"][1]])
+                 for b in grid.get("dpo", [])]  # the online pairs with the eval samples' length cap
     return runs
 
 
@@ -258,10 +259,12 @@ def home_steps(cfg, home, size, seed, data):
         return steps
     rm, bon = home / "rm", home / "bon"
     steps.append(Step("rm", size, ["python", "rm.py", "--init", sft, "--data", data, "--out", rm, "--seed", seed,
-                                   *train_flags(cfg, size, "rm", cfg["rm_lr"])], (rm,), (sft, data), log(rm)))
+                                   *train_flags(cfg, size, "rm", cfg["rm_lr"]), "--gold-spec", data / "gold.json"],
+                      (rm,), (sft, data), log(rm)))  # --gold-spec: the labeller's own accuracy, the ceiling
     steps.append(Step("bon", size, ["python", "bon.py", "--policy", sft, "--rm", rm, "--prompts", data /
                                     "eval_prompts.jsonl", "--n-samples", cfg["bon_samples"], "--train-data", data,
-                                    "--gold-spec", data / "gold.json", "--out", bon, *cfg["sample_flags"][:2]],
+                                    "--gold-spec", data / "gold.json", "--out", bon, "--seed", seed,
+                                    *cfg["sample_flags"][:2]],
                       (bon / "bon.jsonl",), (sft, rm, data), log(bon)))
     for name, loss, beta, flags in runs:
         if loss == "dpo" and not flags:
