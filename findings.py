@@ -573,12 +573,18 @@ def leaderboard_row(S, name, kl_collapse):
     best, top = max(pts, key=lambda p: p["win_rate"]), max(pts, key=lambda p: p["kl"])
     marks = {d: at_sqrt_kl(S, pts, "win", d) for d in SQRT_KL_MARKS}
     drop_se = drop_in_se(S, best, top)
-    hump_verdict = ("keeps the hump" if drop_se >= DROP_SE else "not measured" if math.isnan(kl_collapse)
-                    else "never leaves low KL" if top["kl"] < kl_collapse else "removes the hump")
+    # its drop at DPO's collapse KL, in bootstrap standard errors (the verdict of issue 22)
+    at = stack(S, pts, "win").max(0) - at_sqrt_kl(S, pts, "win", math.sqrt(kl_collapse)) \
+        if math.isfinite(kl_collapse) else np.full(2, math.nan)
+    there = at[0] / np.nanstd(at[1:]) if math.isfinite(at[0]) and np.nanstd(at[1:]) > 0 else math.nan
+    hump = ("not measured" if math.isnan(kl_collapse) else
+            "keeps the hump" if drop_se >= DROP_SE or there >= DROP_SE else
+            "never leaves low KL" if top["kl"] < kl_collapse else "removes the hump")
     row = {"series": name, "loss": pts[0]["loss"], "peak_win_rate": best["win_rate"],
            "peak_win_rate_se": best["win_rate_se"], "peak_kl": best["kl"], "max_kl": top["kl"], "drop_se": drop_se,
+           "drop_at_collapse_se": there,
            "win_at_sqrt_kl": {f"{d:g}": float(v[0]) if math.isfinite(v[0]) else None for d, v in marks.items()},
-           "win_at_sqrt_kl_ci": {f"{d:g}": interval(v)[1] for d, v in marks.items()}, "hump": hump_verdict}
+           "win_at_sqrt_kl_ci": {f"{d:g}": interval(v)[1] for d, v in marks.items()}, "hump": hump}
     if name != "dpo" and series(S, "dpo"):
         row["vs_dpo"] = {}
         for d, v in marks.items():
@@ -590,8 +596,10 @@ def leaderboard_row(S, name, kl_collapse):
 
 def leaderboard(S):
     """One row per series of the main model (docs/formats.md, summary.json["leaderboard"]); the verdicts
-    of issue 22: a fix removes the hump only if it reaches DPO's collapse KL and drops there by under
-    DROP_SE; one whose drop stays small because it never gets there "never leaves low KL"."""
+    of issue 22: a fix removes the hump only if it reaches DPO's collapse KL and drops there (its win
+    rate interpolated at that KL, against its best) by under DROP_SE; one whose drop stays small because
+    it never gets there "never leaves low KL"; one that drops by DROP_SE, there or at its highest KL,
+    keeps the hump."""
     names = sorted({p["series"] for p in S["points"] if p["model"] == S["model"]} - {"sft"},
                    key=lambda n: (n != "dpo", n))
     kl_collapse = collapse_kl(S)
@@ -601,10 +609,11 @@ def leaderboard(S):
 
 # ---------------------------------------------------------------- the RLHF frontier (issue 23)
 
-def hump_within(S, pts, name):
-    """Per replicate: the statistic's best over the points minus its value at the highest-KL point."""
-    vals = stack(S, pts, name)
-    return vals.max(0) - pick(vals, stack(S, pts, "kl").argmax(0))
+def rise_and_fall(S, pts, name, start):
+    """Per replicate: (the statistic's best over the points − its value at `start`, the best − its value
+    at the highest-KL point): a hump has both above 0."""
+    vals, kls = stack(S, pts, name), stack(S, pts, "kl")
+    return vals.max(0) - start, vals.max(0) - pick(vals, kls.argmax(0))
 
 
 def like_rlhf(S):
@@ -613,13 +622,16 @@ def like_rlhf(S):
     bon = series(S, "bon-rm")
     if not bon:
         return None
-    comps = [compare("best-of-n (RM): best gold − gold at the largest n", hump_within(S, bon, "gold_reward"))]
-    text = [f"best-of-n (RM): gold {max(p['gold_reward'] for p in bon):.3f} at best, "
-            f"{max(bon, key=lambda p: p['kl'])['gold_reward']:.3f} at n = {max(p['n'] for p in bon)} "
-            f"(KL {max(p['kl'] for p in bon):.2f})"]
+    sft_gold = stat(S, sft(S), "gold_reward")
+    comps, text = [], [f"SFT gold {sft(S)['gold_reward']:.3f}; best-of-n (RM): best gold "
+                       f"{max(p['gold_reward'] for p in bon):.3f}, {max(bon, key=lambda p: p['kl'])['gold_reward']:.3f} "
+                       f"at n = {max(p['n'] for p in bon):g} (KL {max(p['kl'] for p in bon):.2f})"]
+    for name, pts in [("best-of-n (RM)", bon)] + [(loss, series(S, loss)) for loss in plain_losses(S)]:
+        rise, fall = rise_and_fall(S, pts, "gold_reward", sft_gold)
+        comps += [compare(f"{name}: best gold − SFT's", rise), compare(f"{name}: best gold − gold at the highest KL",
+                                                                     fall)]
     for loss in plain_losses(S):
         pts = series(S, loss)
-        comps.append(compare(f"{loss}: best gold − gold at the highest-KL point", hump_within(S, pts, "gold_reward")))
         for d in SQRT_KL_MARKS:
             diff = at_sqrt_kl(S, pts, "gold_reward", d) - at_sqrt_kl(S, bon, "gold_reward", d)
             if math.isfinite(diff[0]):
@@ -666,7 +678,7 @@ def in_support_recovers(S):
         best = max(pts, key=lambda p: p["win_rate"])
         for p in pts:
             twin = twins.get((p["beta"], p["fraction"]))
-            if twin is None or drop_in_se(S, best, p) < DROP_SE:
+            if twin is None or not drop_in_se(S, best, p) >= DROP_SE:  # NaN (p is the best): not fallen
                 continue
             lost, back = stat(S, best, "win") - stat(S, p, "win"), stat(S, twin, "win") - stat(S, p, "win")
             comps.append(compare(f"{loss} {where(p)} (KL {p['kl']:.1f}): in-support − plain", back))

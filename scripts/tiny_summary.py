@@ -106,7 +106,7 @@ def beta_control(points):
     clusters (the largest gap between consecutive final KLs in log space, as a share of the log range)?
     The rule that chose the DAA regime (docs/study.md), applied to every size."""
     out = {}
-    for model, name in sorted({(p["model"], p["series"]) for p in points}):
+    for model, name in sorted({(p["model"], p["series"]) for p in points if p["loss"] not in FRONTIER}):
         final = sorted((p for p in points if p["model"] == model and p["series"] == name and p["fraction"] == 1.0),
                        key=lambda p: p["beta"])
         kls = [p["kl"] for p in final]
@@ -214,7 +214,7 @@ def leaderboard_table(board):
     rows = [[r["series"], f"{r['peak_win_rate']:.3f} ± {r['peak_win_rate_se']:.3f}", f"{r['peak_kl']:.2f}",
              f"{r['max_kl']:.2f}", f"{r['drop_se']:.1f}",
              " / ".join(f3(r["win_at_sqrt_kl"][d]) for d in r["win_at_sqrt_kl"]), r["hump"],
-             " / ".join(str(v) for v in r.get("vs_dpo", {}).values()) or "—"] for r in board["rows"]]
+             " / ".join(v or "n/a" for v in r.get("vs_dpo", {}).values()) or "—"] for r in board["rows"]]
     marks = " / ".join(board["rows"][0]["win_at_sqrt_kl"]) if board["rows"] else ""
     return md_table(["series", "peak win rate", "peak KL", "max KL", "drop (SE)", f"win at √KL {marks}",
                      f"hump (DPO collapses at KL {board['collapse_kl']:.1f})", f"vs DPO at √KL {marks}"], rows)
