@@ -19,7 +19,11 @@ Uncertainty. Every seed has its own data and eval prompts (scripts/study.py), an
 seed are judged on the same prompts, so comparisons within a seed are paired. Intervals come from a
 two-level bootstrap: draw the seeds with replacement, then within each seed its prompts, with the
 same prompt draws for every point of that seed (the pairing), and recompute every statistic, fits
-included, on each replicate. A point's (or a paired difference's) standard error is
+included, on each replicate. A fit's RMSE ratio is the one statistic this biases: a replicate's resampling noise adds to the
+points' own, which pulls its ratio toward 1, so the interval sits below the estimate and the
+verdict is conservative. Correlations across checkpoints (Fig. 4) take the checkpoints as their
+sample: a t-test against zero and Fisher's z interval. A point's (or a paired difference's)
+standard error is
 
     se² = max(var_s(m_s), mean_s(se_s²)) / n_seeds
 
@@ -39,6 +43,7 @@ N_BOOT = 1000           # bootstrap replicates
 HALVES = 2.0            # §3.2: R(d) "halves the RMSE" of a quadratic in KL: the ratio's interval above 2
 SIMILAR = 1.3           # §3.2: a quadratic in √KL fits with "a similar error": its RMSE ratio within 1/1.3 … 1.3
 ALPHA = 0.05            # significance of a correlation against zero (t-test)
+Z95 = 1.959964          # the normal quantile of LEVEL, for Fisher's z interval of a correlation
 DROP_SE = 2.0           # a drop counts as a collapse at this many standard errors
 SQRT_KL_MARKS = (1.0, 2.0, 3.0)  # √KL at which frontiers are compared (the leaderboard's win_at_sqrt_kl)
 THRESHOLDS = {"level": LEVEL, "n_boot": N_BOOT, "rmse_halves": HALVES, "rmse_similar": SIMILAR,
@@ -150,10 +155,10 @@ def verdict(comparisons):
 
 
 def margin(c):
-    """How far a comparison's interval stays on the claim's side (negative: it crosses). A test's
-    comparison (a correlation) has a p-value instead: it decides only when it fails."""
+    """How far a comparison's interval stays on the claim's side (negative: it crosses); for a test's
+    comparison (a correlation), how far its p-value stays on the claim's side of ALPHA."""
     if "p" in c:
-        return math.inf if c["holds"] else -math.inf
+        return -math.inf if not math.isfinite(c["p"]) else (c["p"] - ALPHA) * (1 if c["side"] == 0 else -1)
     if c["ci"] is None:
         return -math.inf
     return c["ci"][0] if c["side"] > 0 else -c["ci"][1]
@@ -168,11 +173,15 @@ def finding(claim, measured, comparisons, fixed=None):
 
 
 def correlate(S, pts, x_name, label, claim):
-    """A correlation's comparison across points: r, its bootstrap interval and its t-test p-value. The
-    claim "none" holds when r = 0 is not rejected at ALPHA; "negative" when r < 0 is significant."""
-    x, y = stack(S, pts, x_name), stack(S, pts, "win")
-    r, p = pearson_test(x[:, 0], y[:, 0])
-    _, ci = interval(np.array([pearson_test(x[:, b], y[:, b])[0] for b in range(x.shape[1])]))
+    """A correlation's comparison across the points (the checkpoints are its sample, as in Fig. 4): r, its
+    t-test p-value and Fisher's z interval at LEVEL. The claim "none" holds when r = 0 is not rejected at
+    ALPHA; "negative" when r < 0 is significant."""
+    x, y = stack(S, pts, x_name)[:, 0], stack(S, pts, "win")[:, 0]
+    r, p = pearson_test(x, y)
+    n = int((np.isfinite(x) & np.isfinite(y)).sum())
+    z, half = math.atanh(max(-0.999999, min(0.999999, r))) if math.isfinite(r) else math.nan, \
+        Z95 / math.sqrt(max(n - 3, 1))
+    ci = [math.tanh(z - half), math.tanh(z + half)] if math.isfinite(r) else None
     ok = math.isfinite(p) and (p >= ALPHA if claim == "none" else r < 0 and p < ALPHA)
     return {"label": label, "estimate": None if math.isnan(r) else r, "ci": ci, "p": p, "n": len(pts),
             "holds": bool(ok), "side": 0 if claim == "none" else -1}
