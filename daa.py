@@ -110,33 +110,34 @@ def get_parser():
     return p
 
 
-def pair_batch(tok, pairs, idx, split, max_length, device, shared=True):
+def pair_batch(tok, pairs, idx, split, max_length, device, prefix_sharing=True):
     """The pairs `idx` as one batch, with both responses sharing one truncated prompt (training.encode).
 
-    shared (the default): one row per pair, [prompt | chosen | rejected] (pack_pairs), so the
-    prompt, on TL;DR ten times a summary's length, runs through the model once per pair.
-    Otherwise two rows per pair, [chosen_0..chosen_n, rejected_0..rejected_n], in one padded
-    batch (the DPO reference code's concatenated_forward). Both carry chosen_tokens and
-    rejected_tokens [n]: each response's scored tokens, EOS included.
+    prefix_sharing (the default): one row per pair, [prompt | chosen | rejected]
+    (prefix_sharing_batch), so the prompt, on TL;DR ten times a summary's length, runs through the
+    model once per pair. Otherwise two rows per pair, [chosen_0..chosen_n, rejected_0..rejected_n],
+    in one right-padded batch (the DPO reference code's concatenated_forward). Both carry
+    chosen_tokens and rejected_tokens [n]: each response's scored tokens, EOS included.
     """
     seqs = [training.encode(tok, pairs[i]["prompt"], [pairs[i]["chosen"], pairs[i]["rejected"]], max_length)
             for i in idx]
     n_tokens = torch.tensor([[sum(t != training.IGNORE for t in labels) for _, labels in s] for s in seqs])
-    batch = pack_pairs(seqs, tok.eos_id) if shared else \
+    batch = prefix_sharing_batch(seqs, tok.eos_id) if prefix_sharing else \
         training.collate([s[0] for s in seqs] + [s[1] for s in seqs], tok.eos_id, "cpu")
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     return dict(batch, idx=idx, split=split, chosen_tokens=n_tokens[:, 0].to(device),
                 rejected_tokens=n_tokens[:, 1].to(device))
 
 
-def pack_pairs(seqs, pad_id):
+def prefix_sharing_batch(seqs, pad_id):
     """Prefix-shared rows [prompt | chosen | rejected], right-padded, from training.encode's pairs.
 
     rejected attends to the prompt and to itself, never to chosen, and its positions continue
     from the end of the prompt as if chosen were absent: each response sees exactly what it
     sees in a row of its own. labels [n, 2, T] (logprobs.sequence_logps): response k's token
     predicted by position t sits at labels[:, k, t + 1], so the prompt's last position predicts
-    the first token of both responses; attention_mask is the [n, T, T] query-sees-key matrix.
+    the first token of both responses; attention_mask is the [n, T, T] query-sees-key matrix
+    (model.forward uses it as it is).
     """
     rows = []
     for (ids_c, labels_c), (ids_r, _) in seqs:
@@ -165,9 +166,9 @@ def pack_pairs(seqs, pad_id):
 
 def pair_logps(model, batch):
     """Sequence log-probs (summed over response tokens) of the chosen and of the rejected responses."""
-    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                                     position_ids=batch.get("position_ids"))
-    if logps.dim() == 2:  # prefix-shared: [n, 2]
+    if logps.dim() == 2:  # prefix sharing: [n, 2]
         return logps[:, 0], logps[:, 1]
     n = len(logps) // 2
     return logps[:n], logps[n:]

@@ -37,7 +37,7 @@ import training
 from download import cache_dir
 from judge import gold_reward, proxy_reward
 from logprobs import default_chunk_size, sequence_logps
-from model import GPTNeoX
+from model import GPTNeoX, left_padding
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,7 +50,7 @@ def select_prompts(rows, n, seed):
 
 
 def left_pad(seqs, pad_id):
-    """Token lists -> ids [B, T] and attention mask [B, T], padded on the left for generation."""
+    """Token lists -> ids [B, T] and token mask [B, T] (1 = token), padded on the left for generation."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -104,10 +104,11 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
         toks = row[:row.index(eos_id) + 1] if eos_id in row else row
         samples.append(toks)
         keep[i, :len(toks)] = True
-    full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, keep.long()], 1)
+    full = torch.cat([ids, new], 1)
+    visible, pos = left_padding(torch.cat([mask, keep.long()], 1))  # one mask for both models
     labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), -100)
-    policy_logp, hidden = sequence_logps(policy, full, labels, full_mask, return_hidden=True)  # temperature 1
-    ref_logp = sequence_logps(ref, full, labels, full_mask)
+    policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True, position_ids=pos)  # temperature 1
+    ref_logp = sequence_logps(ref, full, labels, visible, position_ids=pos)
     entropy, mass = top10_indicators(hidden, policy.embed_out.weight, labels)
     return [{"sample_tokens": s, "length": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
              "policy_logp": policy_logp[i].item(), "ref_logp": ref_logp[i].item(),

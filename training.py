@@ -198,15 +198,15 @@ def cut_prompt(tok, prompt, ids, budget):
 
 
 def collate(seqs, pad_id, device):
-    """Right-pad (input_ids, labels) pairs into [B, T] tensors; padding has mask 0 and label IGNORE."""
+    """Right-pad (input_ids, labels) pairs into [B, T] tensors; padding has label IGNORE. No attention
+    mask: causal attention is exact for every token when padding only follows it (model.forward)."""
     T = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, (x, y) in enumerate(seqs):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
-            "tokens": mask.sum().to(device)}  # on the device, as the statistics train_step sums it with
+        ids[i, :len(x)], labels[i, :len(y)] = torch.tensor(x), torch.tensor(y)
+    tokens = torch.tensor(sum(len(x) for x, _ in seqs), device=device)  # on the device, as the statistics
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "tokens": tokens}  # train_step sums it with
 
 
 def make_plan(args, env, n_examples):

@@ -176,7 +176,7 @@ def hand_batch():
     tokens = (batch["labels"] != training.IGNORE).sum(1)
     batch.update(idx=[0, 1], split="train", chosen_tokens=tokens[:2], rejected_tokens=tokens[2:])
     # Σ log π per response by hand: the logits at position t score the token at t + 1.
-    logp = model(batch["input_ids"], attention_mask=batch["attention_mask"]).log_softmax(-1)
+    logp = model(batch["input_ids"]).log_softmax(-1)
     by_hand = []
     for row, (p, r) in enumerate(zip(prompts + prompts, chosen + rejected)):
         by_hand.append(sum(logp[row, len(p) - 1 + t, tok].item() for t, tok in enumerate(r)))
@@ -311,7 +311,7 @@ def test_prefix_shared_pairs_equal_two_rows_in_float64(tok, cfg, max_length):
     model = GPTNeoX(Config(vocab_size=50304, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                            **{"num_hidden_layers": 2, **cfg})).double()
     idx = list(range(len(PAIRS)))
-    shared, rows = (daa.pair_batch(tok, PAIRS, idx, "train", max_length, "cpu", shared=s) for s in (True, False))
+    shared, rows = (daa.pair_batch(tok, PAIRS, idx, "train", max_length, "cpu", prefix_sharing=s) for s in (True, False))
     assert shared["input_ids"].shape[0] == 4 and rows["input_ids"].shape[0] == 8
     assert shared["chosen_tokens"].tolist() == rows["chosen_tokens"].tolist() == \
         (rows["labels"][:4] != training.IGNORE).sum(1).tolist()
@@ -342,7 +342,7 @@ def test_precomputed_reference_is_the_same_from_shared_and_two_row_pairs(tok):
     ref = GPTNeoX(Config(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64)).double().eval()
     env = SimpleNamespace(autocast=nullcontext, main=False)
-    batches = {s: [daa.pair_batch(tok, PAIRS, idx, "train", 40, "cpu", shared=s) for idx in ([0, 1], [2, 3])]
+    batches = {s: [daa.pair_batch(tok, PAIRS, idx, "train", 40, "cpu", prefix_sharing=s) for idx in ([0, 1], [2, 3])]
                for s in (True, False)}
     tables = {s: daa.precompute(ref, b, len(b), env) for s, b in batches.items()}
     assert tables[True].keys() == tables[False].keys() == {("train", i) for i in range(4)}
@@ -426,7 +426,7 @@ ref = training.wrap(ref, env, fsdp=True)
 gathered = []
 ref.gpt_neox.layers[0].mlp.dense_h_to_4h.register_forward_pre_hook(lambda m, a: gathered.append(m.weight.dtype))
 pair = (([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]), ([1, 2, 3, 7], [-100, -100, -100, 7]))
-batch = daa.pack_pairs([pair, pair], pad_id=0)
+batch = daa.prefix_sharing_batch([pair, pair], pad_id=0)
 chosen, rejected = daa.ref_logps(ref, batch, env)
 assert gathered == [torch.bfloat16], gathered  # FSDP gathers bf16 weights under a bf16 run
 assert chosen.dtype == torch.float32 and torch.isfinite(chosen).all()

@@ -20,7 +20,7 @@ def test_loss_is_summed_response_nll_averaged_over_sequences():
     model = GPTNeoX(TINY)
     batch = training.collate([([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([11, 12, 13], [-100, 12, 13])], 0, "cpu")
     loss, stats = sft.sft_loss(model, batch)
-    logp = F.log_softmax(model(batch["input_ids"], batch["attention_mask"]), dim=-1)  # the naive way, full logits
+    logp = F.log_softmax(model(batch["input_ids"]), dim=-1)  # the naive way, full logits
     nll = [-sum(logp[b, t - 1, batch["input_ids"][b, t]] for t in ts) for b, ts in [(0, [2, 3, 4]), (1, [1, 2])]]
     assert stats["loss"].tolist() == pytest.approx([x.item() for x in nll], rel=1e-5)
     assert loss.item() == pytest.approx((nll[0] + nll[1]).item() / 2, rel=1e-5)

@@ -114,7 +114,7 @@ def test_collate_pads_right_with_ignored_labels():
     b = training.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, device="cpu")
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert "attention_mask" not in b and b["tokens"] == 4  # right padding: plain causal attention
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):
