@@ -6,6 +6,7 @@ state-dict copy in both directions: `gpt_neox.embed_in`, `gpt_neox.layers.N.{inp
 post_attention_layernorm, attention.query_key_value, attention.dense, mlp.dense_h_to_4h,
 mlp.dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
 """
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
@@ -103,6 +105,13 @@ class KVCache:
         self.length = 0
 
 
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention makes one fused kernel only when compiled (eager, it materialises the scores).
+    Compiled on first use: importing torch.compile's machinery takes seconds."""
+    return torch.compile(flex_attention)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -133,7 +142,10 @@ class Attention(nn.Module):
             cache.k[layer, :, :, t0:t0 + T] = k
             cache.v[layer, :, :, t0:t0 + T] = v
             k, v = cache.k[layer, :, :, :t0 + T], cache.v[layer, :, :, :t0 + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if isinstance(mask, BlockMask):  # daa.py --attention flex: blocks no query sees are skipped
+            y = compiled_flex_attention()(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.dense(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -194,9 +206,9 @@ def left_padding(token_mask, n_query=None):
 def attention_bias(mask, dtype):
     """The boolean visibility mask [B, Tq, Tk] as the additive [B, 1, Tq, Tk] one SDPA adds to the
     scores (0 = sees, -inf = does not), built once per forward in the compute dtype: SDPA (and
-    autocast) would otherwise convert a boolean mask in every layer."""
-    if mask is None:
-        return None
+    autocast) would otherwise convert a boolean mask in every layer. A flex BlockMask passes as it is."""
+    if mask is None or isinstance(mask, BlockMask):
+        return mask
     bias = torch.zeros((mask.shape[0], 1, *mask.shape[1:]), dtype=dtype, device=mask.device)
     return bias.masked_fill_(~mask[:, None], float("-inf"))
 
@@ -231,7 +243,8 @@ class GPTNeoX(nn.Module):
         attention_mask: None is plain causal attention, exact for right-padded batches (no token
         sees a later position, and padding is never scored). Otherwise a boolean [B, T, past+T]
         "query sees key" matrix, used as it is: `left_padding` builds it for left-padded prompts,
-        daa.py for prefix-shared pairs. position_ids [B, T] default to past .. past+T-1.
+        daa.py for prefix-shared pairs (or, for flex_attention, a BlockMask of such a rule).
+        position_ids [B, T] default to past .. past+T-1.
         With `activation_checkpointing` set, forwards under grad keep only each block's input and
         recompute the block in backward (non-reentrant torch.utils.checkpoint: DDP and FSDP work).
         """
@@ -241,8 +254,8 @@ class GPTNeoX(nn.Module):
             raise ValueError(f"KV cache holds {kv_cache.k.shape[3]} positions; {past} used, {T} more requested")
         if attention_mask is None and past:
             raise ValueError("tokens after cached ones need an explicit attention_mask (model.left_padding)")
-        if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 3
-                                           or attention_mask.shape[1:] != (T, past + T)):
+        if torch.is_tensor(attention_mask) and (attention_mask.dtype != torch.bool or attention_mask.dim() != 3
+                                                or attention_mask.shape[1:] != (T, past + T)):
             raise ValueError(f"attention_mask must be a boolean [B, {T}, {past + T}] visibility mask, got "
                              f"{attention_mask.dtype} {tuple(attention_mask.shape)} (model.left_padding makes one "
                              "from a padding mask)")

@@ -33,7 +33,7 @@ def sft_loss(model, batch):
     # the DPO reference code: the objective is log π(y|x) of whole responses, the same sequence
     # log-prob the DAA losses (Eq. 4) and the KL are made of. A per-token mean would instead
     # weigh every token of the batch equally, so short responses would count for less.
-    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"])  # right-padded: causal
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], scored=batch["scored"])  # no mask: causal
     n_tokens = (batch["labels"] != training.IGNORE).sum(1)
     return -logps.mean(), {"loss": -logps.detach(), "response_tokens": n_tokens}
 
@@ -43,12 +43,13 @@ def main(argv=None):
     env = training.setup(args)
     tok = load_tokenizer(training.model_dir(args.model))
     data = training.read_jsonl(Path(args.data) / "sft_train.jsonl", ("prompt", "response"), args.max_examples)
-    plan = training.make_plan(args, env, len(data))
+    data = training.tokenize(tok, data, ("response",), args.max_length)  # once: a step only packs ids
+    plan = training.make_plan(args, env, len(data), [len(p) + len(r) for p, r in data])
     state = training.prepare_out(args, env)
     if training.finished(state, env):
         return training.finish(env)
     model = training.wrap(training.load_model(state["dir"] if state else args.model, args.seed, env.device),
-                          env, args.fsdp, args.activation_checkpointing)
+                          env, args.fsdp, args.activation_checkpointing, args.compile)
     optimizer = training.make_optimizer(args, model)
     if state:
         training.load_optimizer(model, optimizer, state["dir"])
@@ -58,8 +59,7 @@ def main(argv=None):
 
     clock = training.start_clock(start)
     for step in range(start, plan.total_steps):
-        batches = [training.collate([training.encode(tok, data[i]["prompt"], [data[i]["response"]], args.max_length)[0]
-                                     for i in idx], tok.eos_id, env.device)
+        batches = [training.to_device(training.collate([data[i] for i in idx], tok.eos_id), env.device)
                    for idx in training.micro_batch_indices(plan, step)]
         stats = training.train_step(model, optimizer, batches, sft_loss, env, args, step)
         training.log_step(args, env, plan, step + 1, stats, clock)

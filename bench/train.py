@@ -102,7 +102,8 @@ def worker(variant, n_pairs, steps, model_name, max_length):
     optimizer.zero_grad = lambda set_to_none=True, real=optimizer.zero_grad: real(set_to_none=False)
     loss_fn = daa.make_loss_fn(args, daa.make_reference(ref, {}, env))
     prefix_sharing = variant.startswith("shared")
-    batch = lambda length: daa.pair_batch(tok, pairs, list(range(len(pairs))), "train", length, "cpu", prefix_sharing)
+    batch = lambda length: daa.pair_batch(training.tokenize(tok, pairs, ("chosen", "rejected"), length),
+                                          list(range(len(pairs))), "train", tok.eos_id, "cpu", prefix_sharing)
 
     training.train_step(policy, optimizer, [batch(16)], loss_fn, env, args, 0)  # allocates optimizer state
     b = batch(max_length)
