@@ -1,30 +1,31 @@
-"""Direct Alignment Algorithms: DPO, IPO and SLiC (Rafailov et al., 2024, Eq. 4).
+"""Direct Alignment Algorithms: DPO, IPO, SLiC (Rafailov et al., 2024, Eq. 4) and published fixes.
 
-All three minimise  E_(x, y_w, y_l) [ g(h) ]  over preference pairs, where
+A DAA loss is a function of per-pair tensors: the policy's and the reference's log-probs of
+the chosen and the rejected response (summed over response tokens), their token counts, β,
+and the loss's own options. With h = log π(y|x) − log π_ref(y|x) of one response, the paper's
+three are a convex g of the margin (Eq. 4)
 
-    h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))
+    βh = β(h_w − h_l),
 
-is the difference of implicit rewards (over β) and sequence log-probs are sums
-over response tokens (per-token means with --average-logps). Only the convex
-function g differs:
+and only g differs; the fixes added after it need more than the margin: each response's own
+log-ratio (χPO, Cal-DPO), the policy's own log-probability (DPO-Positive), per-token means
+without a reference (SimPO). `LOSSES` below is the one table of them all (formula, source,
+options; `daa.py --help` prints it), and `--loss` takes its names.
 
-    loss   g                       source
-    dpo    −log σ(βh)              Rafailov et al. 2023
-    slic   max(0, 1 − βh)          Zhao et al. 2023 (hinge, calibration term only)
-    ipo    (h − 1/(2β))²           Azar et al. 2023, as the DPO reference code writes it
-
-β is comparable only within one convention. IPO here has its minimum at
-h* = 1/(2β); Eq. 4 read literally, g(βh) = (βh − 1)², puts it at h* = 1/β (so
-its β = 0.2 has the minimiser of our β = 0.1); TRL's "ipo" also averages
-log-probs over tokens, which --average-logps reproduces. --nll-alpha A adds
-A × the per-token negative log-likelihood of the chosen response to any of the
-three (RPO: "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an
-Adversarial Regularizer", 2024; the per-token mean, as TRL's rpo_alpha).
+β is comparable only within one convention. IPO here has its minimum at h* = 1/(2β) (the DPO
+reference code); Eq. 4 read literally, g(βh) = (βh − 1)², puts it at h* = 1/β (so its β = 0.2
+has the minimiser of our β = 0.1); TRL's "ipo" also averages log-probs over tokens, which
+--average-logps reproduces for any loss. --length-alpha adds Park et al.'s α(|y_w| − |y_l|)
+to the margin of the losses built on it. --nll-alpha A adds A × the per-token negative
+log-likelihood of the chosen response to any loss (RPO, Liu et al. 2024: its official code adds
+−ηβ·log π(y_w) summed over tokens, which is A = ηβ|y_w|; TRL's rpo_alpha is a per-token mean
+over the micro-batch, which is A = rpo_alpha when the chosen responses have equal lengths).
 """
 import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,39 +37,150 @@ import training
 from download import DownloadError
 from tokenizer import load_tokenizer
 
-# g of Eq. 4, written on the margin βh (IPO also needs β). A new loss is one more entry here:
-# `daa.py --loss NAME` and the miniature (docs/new_loss.md) pick it up.
-G = {
-    "dpo": lambda margin, beta: -F.logsigmoid(margin),  # Rafailov et al. 2023
-    # (h − 1/(2β))² written through the margin: (βh − 1/2)² / β², the DPO reference code's IPO,
-    # minimised at h* = 1/(2β). Eq. 4 read literally, (βh − 1)², is minimised at h* = 1/β: a β
-    # there is twice a β here. TRL's "ipo" is this form on per-token mean log-probs (--average-logps).
-    "ipo": lambda margin, beta: (margin - 0.5) ** 2 / beta ** 2,  # Azar et al. 2023
-    "slic": lambda margin, beta: torch.relu(1 - margin),  # Zhao et al. 2023, the hinge (calibration term only)
+# ---------------------------------------------------------------- the losses
+#
+# A loss is a function of one namespace x of per-pair tensors [n]:
+#   x.chosen, x.rejected          log π of y_w and y_l (sums; per-token means under --average-logps or per_token)
+#   x.ref_chosen, x.ref_rejected  log π_ref, the same way
+#   x.h_w, x.h_l                  each response's log-ratio log π/π_ref
+#   x.margin                      βh = β(h_w − h_l), plus α(|y_w| − |y_l|) under --length-alpha (Park et al.)
+#   x.beta and x.<option>         β and the loss's own options (flags --<option>, named in its entry)
+# and returns the per-pair loss. Its `reward(x, h, logp)` is the implicit reward of one response
+# (log-ratio h, log-prob logp): rewards/chosen and rewards/rejected, whose difference is
+# rewards/margin and whose order is rewards/accuracy (Fig. 4).
+
+
+def implicit_reward(x, h, logp):
+    """β log π/π_ref: the reward the RLHF objective (Eq. 3) implies for the policy (§2.3)."""
+    return x.beta * h
+
+
+def exp_of(h):
+    """e^h in at least fp32 from h clamped at 20: e^20 ≈ 5e8 puts β·e^h past any clip of χPO for
+    β ≥ 1e-6, R ≤ 200, and stays far from fp32's overflow at h ≈ 88 (and bf16's, the same); the
+    clamp's zero gradient above it keeps a huge h's gradient finite instead of 0 × ∞."""
+    return h.to(torch.promote_types(h.dtype, torch.float32)).clamp(max=20).exp()
+
+
+def chipo_reward(x, h, logp):
+    """β·φ(π/π_ref) with χPO's link φ(z) = z + log z: β(e^h + h), up to a per-prompt constant."""
+    return x.beta * (exp_of(h) + h)
+
+
+def chipo(x):
+    # Algorithm 1 of Huang et al. 2024 (as issue 22 quotes it; the paper's text was not in our sources):
+    # DPO with the log link replaced by φ, the logit clipped to [−2R, 2R], R the reward range.
+    logit = chipo_reward(x, x.h_w, x.chosen) - chipo_reward(x, x.h_l, x.rejected)
+    return -F.logsigmoid(logit.clamp(-2 * x.chipo_clip, 2 * x.chipo_clip))
+
+
+def dpop(x):
+    # DPO-Positive (Pal et al. 2024, Eq. 3): a hinge on the chosen response falling below the reference,
+    # inside the sigmoid and scaled by β like the margin.
+    return -F.logsigmoid(x.margin - x.beta * x.dpop_lambda * torch.relu(x.ref_chosen - x.chosen))
+
+
+SIMPO_GAMMA_BETA_RATIO = 0.5  # the authors' configs set γ through γ/β (gamma_beta_ratio), 0.5 for Llama-3-Base
+
+
+def simpo(x):
+    gamma = SIMPO_GAMMA_BETA_RATIO * x.beta if x.simpo_gamma is None else x.simpo_gamma
+    return -F.logsigmoid(x.beta * (x.chosen - x.rejected) - gamma)
+
+
+def simpo_reward(x, h, logp):
+    """β × the policy's per-token mean log-prob: SimPO's reference-free reward (Meng et al. 2024)."""
+    return x.beta * logp
+
+
+def entry(loss, formula, source, reward=implicit_reward, options=None, margin=False, per_token=False):
+    """One row of LOSSES. options: {flag dest: (default, help)}; margin: the loss reads x.margin (so
+    --length-alpha applies); per_token: it is defined on per-token mean log-probs (as --average-logps)."""
+    return dict(loss=loss, formula=formula, source=source, reward=reward, options=options or {},
+                margin=margin, per_token=per_token)
+
+
+LOSSES = {
+    # The paper's three: g of the margin (Eq. 4).
+    "dpo": entry(lambda x: -F.logsigmoid(x.margin), "−log σ(βh)", "Rafailov et al. 2023", margin=True),
+    # (h − 1/(2β))² written through the margin, (βh − 1/2)² / β²: the DPO reference code's IPO.
+    "ipo": entry(lambda x: (x.margin - 0.5) ** 2 / x.beta ** 2, "(h − 1/(2β))²",
+                 "Azar et al. 2023, as the DPO reference code writes it", margin=True),
+    "slic": entry(lambda x: torch.relu(1 - x.margin), "max(0, 1 − βh)",
+                  "Zhao et al. 2023, the hinge (calibration term only)", margin=True),
+    # Published fixes, as their sources write them.
+    "chipo": entry(chipo, "−log σ(clip(β[(e^h_w + h_w) − (e^h_l + h_l)], −2R, 2R))",
+                   "Huang et al. 2024, χPO (\"Correcting the Mythos of KL-Regularization\")", reward=chipo_reward,
+                   options={"chipo_clip": (5.0, "R of χPO: the logit is clipped to [−2R, 2R]; R is the reward range "
+                                                "in Bradley–Terry log-odds (5: about the miniature labeller's, "
+                                                "1.5 per important word, 3 words)")}),
+    "dpop": entry(dpop, "−log σ(β[h − λ·max(0, log π_ref(y_w) − log π(y_w))])",
+                  "Pal et al. 2024, DPO-Positive (Smaug)",
+                  options={"dpop_lambda": (50.0, "λ of DPO-Positive, the weight of the chosen response's drop "
+                                                 "below the reference")}, margin=True),
+    # Official code (tengxiao1/Cal-DPO, loss_type "Cal-DPO"): no β in the BT term; β sets the targets ±1/(2β).
+    "caldpo": entry(lambda x: -F.logsigmoid(x.h_w - x.h_l)
+                    + 0.5 * ((x.h_w - 0.5 / x.beta) ** 2 + (x.h_l + 0.5 / x.beta) ** 2),
+                    "−log σ(h_w − h_l) + ½[(h_w − 1/(2β))² + (h_l + 1/(2β))²]",
+                    "Xiao et al. 2024, Cal-DPO, as its official code computes it"),
+    # Reference-free: its KL to the SFT model is only measured (eval/logratio_*), never constrained.
+    "simpo": entry(simpo, "−log σ(β(ā_w − ā_l) − γ), ā per-token mean log π", "Meng et al. 2024, SimPO (the "
+                   "authors' code)", reward=simpo_reward, per_token=True,
+                   options={"simpo_gamma": (None, f"γ of SimPO, its target reward margin (default: "
+                                                  f"{SIMPO_GAMMA_BETA_RATIO:g}·β, the γ/β of the authors' "
+                                                  "Llama-3-Base config, whose β is 2)")}),
 }
-LOSSES = tuple(G)
+
+
+def loss_table():
+    """LOSSES as text, for --help."""
+    rows = [(name, e["formula"], e["source"] + "".join(f"; --{o.replace('_', '-')}" + (f" {d:g}" if d else "")
+                                                       for o, (d, _) in e["options"].items()))
+            for name, e in LOSSES.items()]
+    width = max(len(r[1]) for r in rows)
+    return "\n".join(f"    {name:<7}{formula:<{width + 2}}{source}" for name, formula, source in rows)
+
+
+def check_options(loss, options, length_alpha=0.0):
+    """Refuse a loss that is unknown, options it does not take, and --length-alpha without a margin."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    foreign = [o for o in options if o not in LOSSES[loss]["options"]]
+    if foreign:
+        raise ValueError(f"--loss {loss} takes no {', '.join('--' + o.replace('_', '-') for o in foreign)}")
+    if length_alpha and not LOSSES[loss]["margin"]:
+        raise ValueError(f"--length-alpha changes the margin βh, which --loss {loss} does not use "
+                         f"(it applies to {', '.join(n for n, e in LOSSES.items() if e['margin'])})")
 
 
 def daa_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta, loss, length_alpha=0.0, chosen_lengths=None, rejected_lengths=None):
-    """Per-example DAA loss (Eq. 4) and the implicit rewards β·log(π/π_ref) of both responses.
+             beta, loss, length_alpha=0.0, chosen_lengths=None, rejected_lengths=None, average_logps=False,
+             **options):
+    """Per-pair loss of LOSSES[loss] and the implicit rewards of both responses (its `reward`).
 
-    `length_alpha` > 0 is Park et al.'s length regulariser (the paper's Fig. 3 left): the RLHF
-    objective of Eq. 3 with a length penalty, r(x, y) − α|y|, has the implicit reward
-    β log π/π_ref + α|y|, so the margin becomes βh + α(|y_w| − |y_l|). A pair whose chosen
-    response is longer is then partly explained by length, and the policy learns less of it.
+    Log-probs are sums over response tokens; a per_token loss, or average_logps, divides all four
+    by the token counts first (chosen_lengths, rejected_lengths). `length_alpha` > 0 is Park et al.'s
+    length regulariser (the paper's Fig. 3 left): the RLHF objective of Eq. 3 with a length penalty,
+    r(x, y) − α|y|, has the implicit reward β log π/π_ref + α|y|, so the margin becomes
+    βh + α(|y_w| − |y_l|): a pair whose chosen response is longer is partly explained by length.
+    `options`: the loss's own (LOSSES[loss]["options"]); one left out takes its default.
     """
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    margin = beta * (chosen_logratios - rejected_logratios)  # βh
+    check_options(loss, options, length_alpha)
+    e = LOSSES[loss]
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if average_logps or e["per_token"]:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"per-token mean log-probs (--loss {loss} or --average-logps) need the token counts")
+        logps = [lp / n for lp, n in zip(logps, (chosen_lengths, rejected_lengths) * 2)]
+    chosen, rejected, ref_chosen, ref_rejected = logps
+    x = SimpleNamespace(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
+                        h_w=chosen - ref_chosen, h_l=rejected - ref_rejected, beta=beta,
+                        **{o: options.get(o, default) for o, (default, _) in e["options"].items()})
+    x.margin = beta * (x.h_w - x.h_l)
     if length_alpha:
-        margin = margin + length_alpha * (chosen_lengths - rejected_lengths)
-    if loss not in G:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    losses = G[loss](margin, beta)
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
+        x.margin = x.margin + length_alpha * (chosen_lengths - rejected_lengths)
+    rewards = [e["reward"](x, h, lp).detach() for h, lp in ((x.h_w, chosen), (x.h_l, rejected))]
+    return e["loss"](x), *rewards
 
 
 # ---------------------------------------------------------------- training script
@@ -85,13 +197,15 @@ EVAL_KEYS = {  # eval.json / metrics.jsonl name -> per-pair statistic; fit.py re
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__ + "\nTrains a policy with one of these losses from an SFT "
-                                "checkpoint; re-running the same command on the same --out resumes it.",
+    table = ("The losses (--loss; h_w, h_l: log π/π_ref of the chosen and the rejected response, summed over "
+             "tokens; h = h_w − h_l):\n" + loss_table())
+    p = argparse.ArgumentParser(description=__doc__ + "\n" + table + "\n\nTrains a policy with one of them from an "
+                                "SFT checkpoint; re-running the same command on the same --out resumes it.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", required=True, help="the SFT checkpoint to start from (out/sft, out/sft/latest or "
                    "out/sft/ckpt-N); it is also the reference π_ref unless --ref is given")
     p.add_argument("--ref", default=None, help="a different reference model directory (default: --init)")
-    p.add_argument("--loss", choices=LOSSES, default="dpo", help="g of Eq. 4, table above (default: %(default)s)")
+    p.add_argument("--loss", choices=LOSSES, default="dpo", help="the loss, table above (default: %(default)s)")
     p.add_argument("--beta", type=float, default=0.1, help="β of Eq. 4, the strength of the KL constraint; the "
                    "paper sweeps it (default: %(default)s)")
     p.add_argument("--length-alpha", type=float, default=0.0, help="α of Park et al.'s length regulariser, margin "
@@ -101,6 +215,11 @@ def get_parser():
     p.add_argument("--nll-alpha", type=float, default=0.0, help="add A × the per-token negative log-likelihood of "
                    "the chosen response to the loss (RPO's SFT term, any --loss); logged as loss/nll; 0, the "
                    "default, turns it off")
+    for loss, e in LOSSES.items():  # each loss's own options, named in its table entry
+        for option, (default, text) in e["options"].items():
+            # default None (the table's value): a run directory written before the option existed still resumes
+            p.add_argument(f"--{option.replace('_', '-')}", type=float, default=None,
+                           help=f"{text} (--loss {loss} only" + (f"; default: {default:g})" if default else ")"))
     p.add_argument("--precompute-ref", action="store_true", help="one pass computes the reference log-probs of "
                    "every pair, then the reference model is freed (saves its memory during training)")
     p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", help="score each pair as "
@@ -149,7 +268,7 @@ def prefix_sharing_batch(rows, pad_id):
     """
     T = max(len(p) + len(c) + len(r) for p, c, r in rows)
     ids = np.full((len(rows), T), pad_id, np.int64)
-    labels = np.full((len(rows), 2, T), training.IGNORE, np.int64)
+    labels = np.full((len(rows), 2, T), logprobs.IGNORE, np.int64)
     pos = np.zeros((len(rows), T), np.int64)
     segments = np.full((len(rows), T), 3, np.int64)
     for i, (p, c, r) in enumerate(rows):
@@ -192,8 +311,16 @@ def pair_logps(model, batch):
     return logps[:n], logps[n:]
 
 
+def loss_options(args):
+    """The table's options that the command line sets: {dest: value} (daa_loss refuses another loss's)."""
+    return {o: getattr(args, o) for e in LOSSES.values() for o in e["options"] if getattr(args, o) is not None}
+
+
 def make_loss_fn(args, reference):
     """loss_fn(model, batch) -> (mean DAA loss, per-pair statistics); `reference(batch)` gives π_ref's log-probs."""
+    options = loss_options(args)
+    check_options(args.loss, options, args.length_alpha)  # at once, not at the first batch
+
     def loss_fn(model, batch):
         chosen, rejected = pair_logps(model, batch)
         ref_chosen, ref_rejected = reference(batch)
@@ -201,10 +328,9 @@ def make_loss_fn(args, reference):
         nll = -chosen / n_chosen  # per-token NLL of the chosen response (RPO's SFT term)
         # --average-logps: the loss (and its implicit rewards) on per-token means, policy and reference
         # alike (TRL's IPO, SimPO); the logged log-probs and log-ratios stay sums (Eq. 7 reads them).
-        c, r = (n_chosen, n_rejected) if args.average_logps else (1, 1)
         losses, chosen_rewards, rejected_rewards = daa_loss(
-            chosen / c, rejected / r, ref_chosen / c, ref_rejected / r, args.beta, args.loss,
-            args.length_alpha, n_chosen, n_rejected)
+            chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss, args.length_alpha, n_chosen,
+            n_rejected, args.average_logps, **options)
         if args.nll_alpha:
             losses = losses + args.nll_alpha * nll
         stats = {"loss": losses.detach(), "loss/nll": nll.detach(),
@@ -248,14 +374,7 @@ def make_reference(ref, table, env):
 
 def evaluate(model, loss_fn, batches, env):
     """Mean per-pair statistics on the held-out pairs, over all processes (EVAL_KEYS)."""
-    sums = {}
-    with torch.no_grad(), env.autocast():
-        for batch in batches:
-            _, stats = loss_fn(model, batch)
-            stats["examples"] = torch.ones_like(stats["loss"])
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0) + v.sum()
-    sums = training.reduce_sum(env, sums)
+    sums = training.evaluate(model, loss_fn, batches, env)
     return {"eval/examples": int(sums["examples"]), **{k: sums[v] / sums["examples"] for k, v in EVAL_KEYS.items()}}
 
 
@@ -268,8 +387,8 @@ def main(argv=None):
         raise ValueError("--attention flex needs --device cuda: torch's flex_attention has no backward on the CPU")
     tok = load_tokenizer(training.model_dir(args.init))
     data = Path(args.data)
-    pairs = training.read_jsonl(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
-    eval_pairs = (training.read_jsonl(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
+    pairs = training.read_examples(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
+    eval_pairs = (training.read_examples(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
                   if args.eval_examples else [])
     # Tokenised once, up front (the fixture's TL;DR pairs: 1.3 ms per 8), so that a step only packs ids.
     pairs, eval_pairs = (training.tokenize(tok, p, ("chosen", "rejected"), args.max_length) for p in (pairs, eval_pairs))

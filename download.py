@@ -5,22 +5,17 @@ Range request after a dropped connection, retry with exponential backoff,
 verify size and sha256 when known, then rename atomically. A finished file in
 the cache is never fetched again. With no network (or NANODAA_OFFLINE=1) the
 error names the file and the place to put it by hand. Processes fetching one
-file at once (torchrun ranks, two jobs sharing a cache) take turns under an OS
-file lock: one downloads, the others wait and then find the verified file.
-
-This module is also the one home of the OS lock (fcntl.flock) that keeps one
-writer per run directory or output file (sft.py, daa.py, sample.py, judge.py):
-the OS drops it when its process dies, so a killed run leaves no stale lock.
+file at once (torchrun ranks, two jobs sharing a cache) take turns under
+files.locked: one downloads, the others wait and then find the verified file.
 """
-import atexit
-import fcntl
 import hashlib
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
+
+from files import locked
 
 CHUNK = 1 << 20
 
@@ -31,69 +26,6 @@ class DownloadError(RuntimeError):
 
 class NotFound(DownloadError):
     """The server answered 404: the file does not exist there (not a network failure)."""
-
-
-class Busy(ValueError):
-    """Another process holds the lock on an output; the message is one line meant for the user."""
-
-
-_held = {}  # path -> fd: the locks this process holds (hold / release)
-
-
-def _lock(path, wait):
-    """An fd of `path` (a directory, or a lock file, created if missing) under an exclusive flock;
-    None when another process holds it and not `wait`."""
-    while True:
-        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # its holder removed the lock file while we waited: lock the new one
-
-
-def _unlock(path, fd):
-    if not path.is_dir():
-        path.unlink(missing_ok=True)  # while still held: a process waiting on it sees it gone and retries
-    os.close(fd)
-
-
-@contextmanager
-def locked(path):
-    """Wait for, then hold, an exclusive lock on the lock file `path` while the block runs."""
-    path = Path(path)
-    fd = _lock(path, wait=True)
-    try:
-        yield
-    finally:
-        _unlock(path, fd)
-
-
-def hold(path, what):
-    """Lock `path` (a run directory, or an output's lock file) until release(path) or exit; refuse at
-    once, with one line naming `what`, when another process holds it. Re-entrant within a process."""
-    path = Path(path).resolve()
-    if path in _held:
-        return
-    fd = _lock(path, wait=False)
-    if fd is None:
-        raise Busy(f"{what} is being written by another process (it holds the lock on {path}): let it finish, "
-                   "or choose another output")
-    if not _held:
-        atexit.register(lambda: [release(p) for p in list(_held)])
-    _held[path] = fd
-
-
-def release(path):
-    path = Path(path).resolve()
-    if path in _held:
-        _unlock(path, _held.pop(path))
 
 
 def cache_dir():

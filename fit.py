@@ -8,8 +8,10 @@ results-file format) to --out, and prints the RMSE table of the three fits.
 
 A results file (CSV or JSONL) has one row per (model, loss, beta, fraction of
 the epoch): `model, loss, beta, fraction, win_rate, kl` are required;
-`win_rate_se, forward_kl, eval_accuracy, eval_loss, length, length_gamma,
-length_r2, seed, params, length_alpha, nll_alpha` are optional (an empty cell
+`win_rate_se, forward_kl, eval_accuracy, eval_loss, length_tokens, length_gamma,
+length_r2, length_gamma_centred, length_r2_centred, seed, params, length_alpha, nll_alpha`
+are optional, as are the text columns `run, ckpt` (the run directory and checkpoint a row was
+read from) (an empty cell
 or null is missing), and any other numeric column is carried through. A row
 whose loss is "sft" or whose fraction is 0 is the SFT policy of its model:
 d = 0, where every loss's curve starts.
@@ -30,15 +32,16 @@ All three are linear in their coefficients and solved by least squares,
 unweighted, one fit per (arm, model size).
 
 Eq. 6 regresses each checkpoint's log π(y|x)/π_ref(y|x) on the sample length
-|y| through the origin, with the uncentred R² that goes with it (1 − SSR/Σz²);
---length-intercept fits γ|y| + c with the centred R² instead. fits.json
-("length_regression") and Fig. 3 say which.
+|y| in tokens, both ways: through the origin, as the paper writes it, with the
+uncentred R² that goes with it (1 − SSR/Σz², `length_r2`; Fig. 3), and with an
+intercept and the centred R² (`length_r2_centred`). The uncentred R² tends to 1
+whenever the log-ratios are large next to their spread (at high KL), whatever
+the length does, so only the centred one compares across KL budgets.
 """
 import argparse
 import csv
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -46,13 +49,17 @@ from pathlib import Path
 import numpy as np
 import matplotlib
 
+import files
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 REQUIRED = ("model", "loss", "beta", "fraction", "win_rate", "kl")
-OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length", "length_gamma", "length_r2",
+OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length_tokens", "length_gamma", "length_r2",
+            "length_gamma_centred", "length_r2_centred",
             "seed", "params", "length_alpha", "nll_alpha")
 TEXT = ("model", "loss")
+SOURCE = ("run", "ckpt")  # text: where a run directory's row came from (its per-prompt samples and judgments)
 NAN = float("nan")
 
 # -----------------------------------------------------------------------------
@@ -182,8 +189,9 @@ def to_row(raw, where):
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
     row = {k: str(raw[k]) if k in TEXT else _number(raw.get(k), where, k) for k in REQUIRED + OPTIONAL}
+    row.update({k: str(raw[k]) for k in SOURCE if raw.get(k) not in (None, "")})
     for k, v in raw.items():  # any other numeric statistic is carried through (text columns are not)
-        if k not in row and k is not None:
+        if k not in row and k not in SOURCE and k is not None:
             try:
                 row[k] = _number(v, where, k)
             except ValueError:
@@ -201,20 +209,7 @@ def read_results(path):
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             return [to_row(raw, f"{path}:{i}") for i, raw in enumerate(csv.DictReader(f), start=2)]
-    return [to_row(raw, f"{path}:{i}") for i, raw in _jsonl(path)]
-
-
-def _jsonl(path):
-    """(line number, object) for each non-blank line."""
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    out.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-    return out
+    return [to_row(raw, f"{path}:{i}") for i, raw in files.iter_jsonl(path)]
 
 
 def _json(path):
@@ -256,11 +251,11 @@ def _model_name(args):
     return str(args.get("init", "model"))
 
 
-def read_run(run, length_intercept=False):
+def read_run(run):
     """Rows, one per sampled checkpoint, of a run directory written by daa.py, sample.py and judge.py.
 
-    The one place that knows the run-directory layout (DESIGN.md, "Files on
-    disk"): if file or key names change, adapt them here. A run without a loss
+    The one place that knows the run-directory layout (docs/formats.md, "The run
+    directory"): if file or key names change, adapt them here. A run without a loss
     (sft.py's) gives SFT rows: fraction 0, the start of every DAA curve. Every
     numeric statistic of samples-<ckpt>.summary.json rides along (the run's own
     seed, loss and length win over the sampler's).
@@ -268,6 +263,7 @@ def read_run(run, length_intercept=False):
     run = Path(run)
     args = _json(run / "args.json")
     loss, model = str(args.get("loss", "sft")), _model_name(args)
+    data_seed = _json(Path(str(args.get("data", ""))) / "gold.json").get("seed")  # the miniature's data seed
     rows = []
     for path in sorted(run.glob("samples-*.jsonl")):
         tag = path.name[len("samples-"):-len(".jsonl")]  # the checkpoint directory: ckpt-<examples>, latest
@@ -278,17 +274,19 @@ def read_run(run, length_intercept=False):
                              "the epoch")
         judgments = run / f"judgments-{tag}.jsonl"
         try:
-            samples = [s for _, s in _jsonl(path)]
+            samples = files.read_jsonl(path)
             logratios = [s["policy_logp"] - s["ref_logp"] for s in samples]
-            lengths = [s["length"] for s in samples]
-            wins = np.array([j["win"] for _, j in _jsonl(judgments)] if judgments.exists() else [], dtype=float)
+            lengths = [s["length_tokens"] for s in samples]  # |y| of Eq. 6, in tokens
+            wins = np.array([j["win"] for j in files.read_jsonl(judgments)] if judgments.exists() else [], dtype=float)
         except KeyError as e:
             raise ValueError(f"{run}/{tag}: a sample or judgment has no key {e}") from None
-        gamma, r2 = length_regression(lengths, logratios, length_intercept) if len(samples) >= 3 else (NAN, NAN)
+        (gamma, r2), (gamma_c, r2_c) = [length_regression(lengths, logratios, centred) if len(samples) >= 3
+                                        else (NAN, NAN) for centred in (False, True)]
         summary, config = _json(run / f"samples-{tag}.summary.json"), _json(run / tag / "config.json")
         stats = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append(to_row({**stats,
             "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction, "seed": args.get("seed"),
+            "run": str(run), "ckpt": tag, "data_seed": data_seed,
             "params": n_params(config) if config else None,
             "length_alpha": args.get("length_alpha", 0.0), "nll_alpha": args.get("nll_alpha", 0.0),
             "win_rate": wins.mean() if len(wins) else None,  # as judge.py's summary
@@ -296,17 +294,18 @@ def read_run(run, length_intercept=False):
             "kl": summary.get("kl", np.mean(logratios) if samples else None),
             "forward_kl": -ev["eval/logratio_chosen"] if "eval/logratio_chosen" in ev else None,  # Eq. 7
             "eval_accuracy": ev.get("eval/accuracy"), "eval_loss": ev.get("eval/loss"),
-            "length": np.mean(lengths) if samples else None, "length_gamma": gamma, "length_r2": r2,
+            "length_tokens": np.mean(lengths) if samples else None, "length_gamma": gamma, "length_r2": r2,
+            "length_gamma_centred": gamma_c, "length_r2_centred": r2_c,
         }, f"{run}/{path.name}"))
     return sorted(rows, key=lambda r: r["fraction"])
 
 
-def load(inputs, length_intercept=False):
+def load(inputs):
     rows = []
     for name in inputs:
         p = Path(name)
         if p.is_dir() and (p / "args.json").exists():
-            rows += read_run(p, length_intercept)
+            rows += read_run(p)
         elif p.is_file() and p.suffix in (".csv", ".jsonl"):
             rows += read_results(p)
         else:
@@ -324,14 +323,13 @@ def _cell(v):
 def write_results(path, rows):
     """The results file (CSV) of `rows`, written atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        extra = sorted({k for r in rows for k in r} - set(REQUIRED + OPTIONAL))
-        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL + tuple(extra))
+    with files.atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        extra = sorted({k for r in rows for k in r} - set(REQUIRED + OPTIONAL + SOURCE))
+        w = csv.DictWriter(f, fieldnames=REQUIRED + OPTIONAL + SOURCE + tuple(extra))
         w.writeheader()
         for r in rows:
-            w.writerow({k: r[k] if k in TEXT else _cell(r.get(k, NAN)) for k in w.fieldnames})
-    os.replace(tmp, path)
+            w.writerow({k: r[k] if k in TEXT else r.get(k, "") if k in SOURCE else _cell(r.get(k, NAN))
+                        for k in w.fieldnames})
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +391,7 @@ def fit_all(rows, y0s, notes, x="kl"):
         d, y = sqrt_kl([r[x] for r in pts]), np.array([r["win_rate"] for r in pts])
         try:
             y0, alpha, beta = fit_curve(d, y, "r_d", y0s.get(model))
-            entry = {"n": len(pts), "y0": y0, "y0_measured": model in y0s, "alpha": alpha, "beta": beta,
+            entry = {"n": len(pts), "y0": y0, "y0_measured": model in y0s, "rd_alpha": alpha, "rd_beta": beta,
                      "rmse": rmse(y, predict("r_d", (y0, alpha, beta), d))}
             for shape in ("quadratic_kl", "quadratic_d"):
                 coef = fit_curve(d, y, shape, y0s.get(model))
@@ -459,10 +457,8 @@ def _grid(nrows, losses, dpi):
 
 
 def _save(fig, path):
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
+    files.save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -491,7 +487,7 @@ def _law_panel(ax, rows, fits, y0s, x, colors):
         if model in fits:
             f = fits[model]
             dd = np.linspace(0, d.max() * 1.05, 200)
-            ax.plot(dd, predict("r_d", (f["y0"], f["alpha"], f["beta"]), dd), ":", color=color, lw=1.5)
+            ax.plot(dd, predict("r_d", (f["y0"], f["rd_alpha"], f["rd_beta"]), dd), ":", color=color, lw=1.5)
 
 
 def fig1(data, final, fits, y0s, colors, losses, path, dpi):
@@ -533,7 +529,7 @@ def fig2(data, y0s, colors, losses, path, dpi):
     return _save(fig, path)
 
 
-def fig3(data, colors, losses, path, dpi, length_intercept=False):
+def fig3(data, colors, losses, path, dpi):
     """Fig. 3 (right): R² of the length regression (Eq. 6) vs √KL, per model size."""
     fig, axes = _grid(1, losses, dpi)
     for ax, loss in zip(axes[0], losses):
@@ -543,7 +539,7 @@ def fig3(data, colors, losses, path, dpi, length_intercept=False):
                     label=model)
         ax.set_xlabel("√KL(π‖π_ref)")
     axes[0][0].set_ylabel("R² of log π/π_ref on length (Eq. 6)")
-    fig.suptitle(LENGTH_FIT[length_intercept], fontsize=8)
+    fig.suptitle("Eq. 6 through the origin (the paper's form), uncentred R²", fontsize=8)
     _legend(axes[0][-1], fontsize=7)
     return _save(fig, path)
 
@@ -580,12 +576,8 @@ def fig5(data, fits, y0s, colors, losses, path, dpi):
 # -----------------------------------------------------------------------------
 
 
-LENGTH_FIT = {False: "Eq. 6 through the origin, uncentred R²", True: "Eq. 6 with an intercept, centred R²"}
-
-
-def analyze(rows, out, dpi=90, length_intercept=False):
-    """Fits, correlations and figures for `rows`; writes into directory `out`. Returns (fits, notes).
-    `length_intercept` names how run directories' length_r2 was fitted (load's flag)."""
+def analyze(rows, out, dpi=90):
+    """Fits, correlations and figures for `rows`; writes into directory `out`. Returns (fits, notes)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = []
@@ -601,10 +593,12 @@ def analyze(rows, out, dpi=90, length_intercept=False):
     fits["forward_kl"] = fit_all(fkl, y0s, notes, x="forward_kl") if fkl else {}
     fits["correlations"] = {k: correlations(data, k) for k in ("eval_accuracy", "eval_loss")}
     fits["sft_win_rate"] = y0s
-    fits["convention"] = ("win_rate = y0 + R(d), R(d) = d*(alpha - beta*log d), d = sqrt(KL); y0 = SFT win rate "
+    fits["convention"] = ("win_rate = y0 + R(d), R(d) = d*(rd_alpha - rd_beta*log d), d = sqrt(KL) (rd_beta is the "
+                          "law's coefficient, not the DAA's beta); y0 = SFT win rate "
                           "(measured when y0_measured, else fitted); quadratic_kl = [y0, a, b] of y0 + a*KL + b*KL^2; "
                           "quadratic_d = [y0, a, b] of y0 + a*d + b*d^2")
-    fits["length_regression"] = LENGTH_FIT[length_intercept] + " (rows from results files keep their own length_r2)"
+    fits["length_regression"] = ("length_r2: Eq. 6 through the origin with the uncentred R² (the paper's form); "
+                                 "length_r2_centred: with an intercept and the centred R²")
 
     losses = sorted({arm(r) for r in data})
     models = model_order([r for r in rows if not is_sft(r)])
@@ -619,8 +613,7 @@ def analyze(rows, out, dpi=90, length_intercept=False):
     # Fig. 3 needs no win rate: every sampled checkpoint counts.
     sampled = [r for r in rows if not is_sft(r) and math.isfinite(r["kl"]) and math.isfinite(r["length_r2"])]
     if sampled:
-        figures.append(fig3(sampled, colors, sorted({arm(r) for r in sampled}), out / "fig3_length_r2.png", dpi,
-                            length_intercept))
+        figures.append(fig3(sampled, colors, sorted({arm(r) for r in sampled}), out / "fig3_length_r2.png", dpi))
     else:
         notes.append("fig3 skipped: no length_r2 in the inputs (it comes from the samples of a run directory)")
     if any(math.isfinite(r["eval_accuracy"]) or math.isfinite(r["eval_loss"]) for r in data):
@@ -634,21 +627,8 @@ def analyze(rows, out, dpi=90, length_intercept=False):
     fits["figures"] = [p.name for p in figures]
 
     write_results(out / "results.csv", rows)
-    tmp = out / "fits.json.tmp"
-    tmp.write_text(json.dumps(_finite(fits), indent=1) + "\n")
-    os.replace(tmp, out / "fits.json")
+    files.write_json(out / "fits.json", fits, indent=1)
     return fits, notes
-
-
-def _finite(obj):
-    """JSON has no NaN: write null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def main(argv=None):
@@ -658,10 +638,8 @@ def main(argv=None):
                                              "(.csv or .jsonl, one row per model, loss, beta, fraction)")
     p.add_argument("--out", default="out/fit", help="directory for the figures, fits.json and results.csv")
     p.add_argument("--dpi", type=int, default=90, help="resolution of the PNG figures")
-    p.add_argument("--length-intercept", action="store_true", help="fit Eq. 6 as γ|y| + c with a centred R² "
-                   "(default: γ|y| through the origin, as Eq. 6, with an uncentred R²)")
     args = p.parse_args(argv)
-    fits, notes = analyze(load(args.inputs, args.length_intercept), args.out, args.dpi, args.length_intercept)
+    fits, notes = analyze(load(args.inputs), args.out, args.dpi)
     for note in notes:
         print(f"note: {note}")
     print(rmse_table(fits["rmse"]))

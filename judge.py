@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-import download
+import files
+from data.tiny import task
 from download import cache_dir
 
 # Our own wording, in the style of the DPO paper's GPT-4 judge prompts (Rafailov et al., 2023, App. C).
@@ -171,34 +172,10 @@ def judge_llm(row, args, url, key, stop):
             "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
 
 
-def gold_reward(prompt, response, spec):
-    """The miniature task's programmatic gold reward (what a perfect judge would score).
-
-    Prompt words are those between "POST:" and "TLDR:"; spec["important"] lists the
-    important words. Reward = (distinct important prompt words the response
-    names) / 3 − 0.25 × (every other response word, repeats of important words
-    included): covering the post pays, padding it costs.
-    """
-    post = prompt.split("POST:", 1)[-1].split("TLDR:", 1)[0].split()
-    important = set(spec["important"]) & set(post)
-    words = response.split()
-    hits = {w for w in words if w in important}
-    return len(hits) / 3 - 0.25 * (len(words) - len(hits))
-
-
-def proxy_reward(prompt, response, spec):
-    """The miniature labeller's Bradley-Terry score: P(a ≻ b) = σ(proxy(a) − proxy(b)).
-
-    proxy = gold_scale · gold + length_bias · (words in the response). With gold =
-    hits/3 − 0.25·others this is (gold_scale/3 + length_bias)·hits + (length_bias −
-    gold_scale/4)·others: a length bias below gold_scale/4 keeps the gold reward's
-    optimum (all important words, nothing else); above it, every extra word pays.
-    """
-    return spec["gold_scale"] * gold_reward(prompt, response, spec) + spec["length_bias"] * len(response.split())
-
-
 def judge_gold(row, spec):
-    g_sample, g_ref = gold_reward(row["prompt"], row["sample"], spec), gold_reward(row["prompt"], row["reference"], spec)
+    """The miniature's judge: the sample wins when its gold reward (data/tiny/task.py) beats the reference's."""
+    g_sample = task.gold_reward(row["prompt"], row["sample"], spec)
+    g_ref = task.gold_reward(row["prompt"], row["reference"], spec)
     win = 1.0 if g_sample > g_ref else 0.5 if g_sample == g_ref else 0.0
     return {"id": row["id"], "gold_sample": g_sample, "gold_reference": g_ref, "win": win}
 
@@ -237,23 +214,6 @@ def summarize(judged, samples):
             "completion_tokens": sum(u.get("completion_tokens", 0) for u in usage)}
 
 
-def read_jsonl(path, required=()):
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{i}: missing {', '.join(missing)}")
-            rows.append(row)
-    return rows
-
-
 def read_judged(path):
     """Rows already judged; a last line cut short by a crash is dropped from the file."""
     if not path.exists():
@@ -263,7 +223,7 @@ def read_judged(path):
     if len(keep) < len(data):
         with open(path, "r+b") as f:
             f.truncate(len(keep))
-    return read_jsonl(path, ("id", "win"))
+    return files.read_jsonl(path, ("id", "win"))
 
 
 def default_out(samples_path):
@@ -275,12 +235,6 @@ def default_out(samples_path):
 
 def summary_path(out):
     return Path(out).with_suffix(".summary.json")  # judgments-ckpt-100.jsonl -> judgments-ckpt-100.summary.json
-
-
-def write_json(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_template(path):
@@ -340,17 +294,17 @@ def main(argv=None):
             p.error("--prompt-file needs --verdict-label: the line label whose A or B your prompt asks for")
         args.verdict_label = args.verdict_label or VERDICT[args.task]
 
-    samples = {r["id"]: r for r in read_jsonl(args.samples, ("id", "prompt", "sample", "reference"))}
+    samples = {r["id"]: r for r in files.read_jsonl(args.samples, ("id", "prompt", "sample", "reference"))}
     out = Path(args.out) if args.out else default_out(args.samples)
     out.parent.mkdir(parents=True, exist_ok=True)
-    download.hold(f"{out}.lock", out)  # one writer per judgments file: a second judge.py on it refuses at once
+    files.hold(f"{out}.lock", out)  # one writer per judgments file: a second judge.py on it refuses at once
     judged = {r["id"]: r for r in read_judged(out) if r["id"] in samples}
     todo = [r for r in samples.values() if r["id"] not in judged]
     if judged:
         print(f"{len(judged)} already judged in {out}; judging the other {len(todo)}")
 
     if args.judge == "gold":
-        spec = json.loads(Path(args.gold_spec).read_text())
+        spec = task.read_spec(args.gold_spec, ("important",))  # the gold judge needs no labeller
         work, threads = (lambda row: judge_gold(row, spec)), 1
     else:
         key = os.environ.get(args.api_key_env)
@@ -381,11 +335,11 @@ def main(argv=None):
     if not judged:
         raise ValueError(f"{args.samples} holds no samples")
     s = summarize([judged[i] for i in samples if i in judged], samples)  # in file order: same floats on resume
-    write_json(summary_path(out), s)
+    files.write_json(summary_path(out), s)
     print(f"win rate {s['win_rate']:.3f} ± {s['win_rate_se']:.3f} (n={s['n']}), length-controlled {s['lc_win_rate']:.3f}, "
           f"unparseable {s['unparseable']}, tokens {s['tokens']:,} ({s['prompt_tokens']:,} in, {s['completion_tokens']:,} out)")
     print(f"wrote {out} and {summary_path(out)}")
-    download.release(f"{out}.lock")
+    files.release(f"{out}.lock")
     return s
 
 

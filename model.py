@@ -8,7 +8,6 @@ mlp.dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
 """
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 import download
+import files
 
 
 @dataclass
@@ -338,12 +338,10 @@ class GPTNeoX(nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         dtype = str(self.embed_out.weight.dtype).removeprefix("torch.")
         cfg = dict(self.config.to_dict(), dtype=dtype, torch_dtype=dtype)
-        tmp = out_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-        os.replace(tmp, out_dir / "config.json")
+        files.write_json(out_dir / "config.json", cfg)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, out_dir / "model.safetensors.tmp", metadata={"format": "pt"})
-        os.replace(out_dir / "model.safetensors.tmp", out_dir / "model.safetensors")
+        with files.atomic_file(out_dir / "model.safetensors") as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
 
 
 # Buffers that older GPT-NeoX checkpoints carry (causal-mask constants, rotary frequencies); recomputed here.

@@ -27,16 +27,15 @@ import math
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
-import download
+import files
 import training
+from data.tiny import task
 from download import cache_dir
-from judge import gold_reward, proxy_reward
-from logprobs import default_chunk_size, sequence_logps
+from logprobs import IGNORE, default_chunk_size, sequence_logps
 from model import GPTNeoX, left_padding
 from tokenizer import load_tokenizer
 
@@ -64,11 +63,11 @@ def top10_indicators(hidden, weight, labels, k=10, chunk_size=None):
     """Shi et al.'s indicators per row: mean over sample tokens of the entropy of the renormalised
     top-k next-token probabilities, and of the top-k probability mass.
 
-    hidden [B, T, D] final-norm states, weight [V, D] the unembedding, labels [B, T] (-100 off the
+    hidden [B, T, D] final-norm states, weight [V, D] the unembedding, labels [B, T] (IGNORE off the
     sample). Position t predicts labels[:, t+1]. Logits are formed a chunk of positions at a time
     (as logprobs.py does), so a long sample never holds [T, V] at once.
     """
-    predicts = labels[:, 1:] != -100
+    predicts = labels[:, 1:] != IGNORE
     h = hidden[:, :-1][predicts]  # [N, D]: the positions that predict a sample token
     n = len(h)
     chunk = chunk_size or default_chunk_size(n, h.shape[1], weight.shape[0])
@@ -106,11 +105,11 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
         keep[i, :len(toks)] = True
     full = torch.cat([ids, new], 1)
     visible, pos = left_padding(torch.cat([mask, keep.long()], 1))  # one mask for both models
-    labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), -100)
+    labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), IGNORE)
     policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True, position_ids=pos)  # temperature 1
     ref_logp = sequence_logps(ref, full, labels, visible, position_ids=pos)
     entropy, mass = top10_indicators(hidden, policy.embed_out.weight, labels)
-    return [{"sample_tokens": s, "length": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
+    return [{"sample_tokens": s, "length_tokens": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
              "policy_logp": policy_logp[i].item(), "ref_logp": ref_logp[i].item(),
              "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
 
@@ -124,36 +123,31 @@ def response_token_ids(data_dir, tok):
     cache = data_dir / f"response_token_ids-{vocab.hexdigest()[:16]}.json"
     if cache.is_file():
         return set(json.loads(cache.read_text()))
-    texts = [r["response"] for r in training.read_jsonl(data_dir / "sft_train.jsonl", ("response",))]
-    for r in training.read_jsonl(data_dir / "pref_train.jsonl", ("chosen", "rejected")):
+    texts = [r["response"] for r in training.read_examples(data_dir / "sft_train.jsonl", ("response",))]
+    for r in training.read_examples(data_dir / "pref_train.jsonl", ("chosen", "rejected")):
         texts += [r["chosen"], r["rejected"]]
     ids = {tok.eos_id}.union(*(tok.encode(t) for t in set(texts)))
     try:
-        training.write_atomic(cache, json.dumps(sorted(ids)) + "\n")
+        files.write_text(cache, json.dumps(sorted(ids)) + "\n")
     except OSError:
         pass  # a read-only data directory: computed again next time
     return ids
 
 
-def read_gold_spec(path):
-    """The miniature's gold.json: the gold reward's important words and the labeller's weights."""
-    spec = json.loads(Path(path).read_text())
-    missing = [k for k in ("important", "gold_scale", "length_bias") if k not in spec]
-    if missing:
-        raise ValueError(f"{path} has no {', '.join(missing)}: prepare the data again with data/tiny/prepare.py")
-    return spec
-
-
 def add_diagnostics(row, seen_ids, gold_spec):
-    """Per-sample over-optimization diagnostics. `ood_tokens`: sampled tokens (EOS included) whose id
-    never occurs in a training response: mass the policy moved off the data (App. E). For the
-    miniature (`gold_spec`), the gold reward, the labeller's proxy reward and the length in words."""
+    """Per-sample over-optimization diagnostics. `length_words`: whitespace words, beside the paper's
+    |y| in tokens (`length_tokens`; byte tokens glue onto words, so the two can move apart).
+    `ood_tokens`: sampled tokens (EOS included) whose id never occurs in a training response: mass
+    the policy moved off the data (App. E). For the miniature (`gold_spec`), the gold reward, its
+    parts (`hits`: important post words named; `other_words`: everything else) and the labeller's
+    proxy reward (data/tiny/task.py)."""
+    row["length_words"] = len(row["sample"].split())
     if seen_ids is not None:
         row["ood_tokens"] = sum(t not in seen_ids for t in row["sample_tokens"])
     if gold_spec is not None:
-        row.update(gold_reward=gold_reward(row["prompt"], row["sample"], gold_spec),
-                   proxy_reward=proxy_reward(row["prompt"], row["sample"], gold_spec),
-                   length_words=len(row["sample"].split()))
+        hits, others = task.gold_parts(row["prompt"], row["sample"], gold_spec)
+        row.update(gold_reward=task.gold_reward(row["prompt"], row["sample"], gold_spec), hits=hits,
+                   other_words=others, proxy_reward=task.proxy_reward(row["prompt"], row["sample"], gold_spec))
     return row
 
 
@@ -164,13 +158,14 @@ def summarize(rows, args, ckpt):
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     kl = diff.mean().item()
     s = {"kl": kl, "kl_se": (diff.std() / math.sqrt(len(rows))).item() if len(rows) > 1 else 0.0,
-         "sqrt_kl": math.sqrt(max(kl, 0.0)), "length": mean("length"),
+         "sqrt_kl": math.sqrt(max(kl, 0.0)), "length_tokens": mean("length_tokens"),
+         "length_words": mean("length_words"),
          "top10_entropy": mean("top10_entropy"), "top10_mass": mean("top10_mass"),
          "eos_rate": mean("eos"), "n": len(rows), "prompts_cut": sum(r["prompt_cut"] for r in rows),
          "ckpt": str(ckpt), "ref": str(args.ref), "seed": args.seed, "temperature": args.temperature}
     if "ood_tokens" in rows[0]:
         s["ood_token_rate"] = sum(r["ood_tokens"] for r in rows) / sum(len(r["sample_tokens"]) for r in rows)
-    for key in ("gold_reward", "proxy_reward", "length_words"):
+    for key in ("gold_reward", "proxy_reward", "hits", "other_words"):
         if key in rows[0]:
             s[key] = mean(key)
     return s
@@ -193,7 +188,7 @@ def find_tokenizer(ckpt):
                      "or a Pythia name such as pythia-1b)")
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, nargs="+", help="policy checkpoint directories (a run directory: its `latest`); several share one load of the reference and prompts")
     p.add_argument("--ref", required=True, help="reference model (the SFT model): checkpoint or run directory, or a Pythia name")
@@ -214,34 +209,39 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, per rank")
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights' dtype; log-probs are float32 either way "
-                   "(default: bfloat16 on cuda, which holds 6.9B policy and reference on one 80 GB GPU; float32 on cpu)")
+    p.add_argument("--sample-dtype", choices=list(DTYPES), default=None, help="the models' weights dtype; log-probs "
+                   "are float32 either way (default: bfloat16 on cuda, which holds 6.9B policy and reference on one "
+                   "80 GB GPU; float32 on cpu). Not training's --dtype, which is an autocast dtype")
     p.add_argument("--train-data", default=None, help="the prepared data directory the policy was trained on: "
                    "adds ood_token_rate, the share of sampled tokens never seen in a training response")
     p.add_argument("--gold-spec", default=None, help="the miniature's gold.json: adds each sample's gold reward, "
-                   "the labeller's proxy reward and its length in words")
+                   "its parts (hits, other words), the labeller's proxy reward and its length in words")
     p.add_argument("--out", default=None, help="output JSONL (one --ckpt only); if omitted, samples-<ckpt name>.jsonl beside each checkpoint (summary: <out minus .jsonl>.summary.json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     ckpts = [training.model_dir(c).resolve() for c in args.ckpt]  # a run directory's `latest` -> its ckpt-<examples>
     if args.out and len(ckpts) > 1:
         raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    env = training.setup(SimpleNamespace(device=args.device, fsdp=False, dtype="float32", seed=args.seed))
+    env = training.init_process(args.device, args.seed)
     device = env.device
     outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}.jsonl" for c in ckpts]
     if env.main:  # one writer per output: a second sample.py on it refuses at once
         for out in outs:
             out.parent.mkdir(parents=True, exist_ok=True)
-            download.hold(f"{out}.lock", out)
-    torch.backends.cuda.matmul.allow_tf32 = False  # KL is a small difference of two large sums: full fp32
+            files.hold(f"{out}.lock", out)
+    # TF32 stays off (torch's default): KL is a small difference of two large sums, so it gets full fp32.
 
     tok = load_tokenizer(args.tokenizer or find_tokenizer(ckpts[0]))
-    all_rows = training.read_jsonl(args.prompts, ("id", "prompt", "reference"))
+    all_rows = training.read_examples(args.prompts, ("id", "prompt", "reference"))
     if len({r["id"] for r in all_rows}) < len(all_rows):
         raise ValueError(f"{args.prompts}: ids are not unique (judge.py and fit.py match rows by id)")
     chosen = select_prompts(all_rows, args.n, args.seed)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.sample_dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=dtype, device=device)
     max_length = min(args.max_length, ref.config.max_position_embeddings)
     if args.max_prompt_length < 1 or max_length < 2:
@@ -254,12 +254,12 @@ def main(argv=None):
         if not e:
             raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
     seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
-    gold_spec = read_gold_spec(args.gold_spec) if args.gold_spec else None
+    gold_spec = task.read_spec(args.gold_spec) if args.gold_spec else None
     diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
     for ckpt, out in zip(ckpts, outs):
         policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
         sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose)
-        download.release(f"{out}.lock")
+        files.release(f"{out}.lock")
         del policy  # before the next loads: two models on the device at a time, never three
     training.finish(env)
 
@@ -280,7 +280,7 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
             r = chosen[i]
             rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "prompt_tokens": len(encoded[i]),
                                   "prompt_cut": r["cut"], "reference": r["reference"],
-                                  "sample": tok.decode(stats["sample_tokens"][:stats["length"]]), **stats}))
+                                  "sample": tok.decode(stats["sample_tokens"][:stats["length_tokens"]]), **stats}))
             new_tokens += len(stats["sample_tokens"])
         if rank == 0:
             dt = time.time() - t0
@@ -295,9 +295,9 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
         rows.sort(key=lambda r: order[r["id"]])
         s = summarize(rows, args, ckpt)
         out.parent.mkdir(parents=True, exist_ok=True)
-        training.write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-        training.write_atomic(out.with_suffix(".summary.json"), json.dumps(s, indent=2) + "\n")
-        print(f"KL {s['kl']:.3f} ± {s['kl_se']:.3f} (√KL {s['sqrt_kl']:.3f}), length {s['length']:.1f}, "
+        files.write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+        files.write_json(out.with_suffix(".summary.json"), s)
+        print(f"KL {s['kl']:.3f} ± {s['kl_se']:.3f} (√KL {s['sqrt_kl']:.3f}), length {s['length_tokens']:.1f} tokens, "
               f"top-10 entropy {s['top10_entropy']:.3f}, top-10 mass {s['top10_mass']:.3f}, n={s['n']}")
         print(f"wrote {out} and {out.with_suffix('.summary.json')}")
 

@@ -18,14 +18,13 @@ miniature task: no normalizer, its special tokens matched on the raw text as in 
 import base64
 import functools
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 
 import tiktoken
 
+import files
 from download import hub_file
 
 # GPT-2's pre-tokenizer regex, as HF's ByteLevel(use_regex=True) spells it.
@@ -208,15 +207,7 @@ def save_tiktoken(path, pat_str, mergeable_ranks, special_tokens):
     Tokenizer(str(path), pat_str, mergeable_ranks, special_tokens, {}, False)  # fail here, not at load
     ranks = {base64.b64encode(k).decode("ascii"): int(v) for k, v in sorted(mergeable_ranks.items(), key=lambda kv: kv[1])}
     spec = {"nanodaa_tiktoken": {"pat_str": pat_str, "mergeable_ranks": ranks, "special_tokens": dict(special_tokens)}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(spec, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_json(path, spec, indent=1)
 
 
 def _from_nanodaa_json(path, spec):

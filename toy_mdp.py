@@ -19,7 +19,6 @@ Also Proposition 1's single-state example (`proposition1`).
 import argparse
 import copy
 import itertools
-import json
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import files
 from daa import LOSSES, daa_loss
 
 N_ACTIONS, DEPTH = 3, 3
@@ -151,18 +151,9 @@ def proposition1(beta=0.1, steps=1000, lr=1e-2):
     return out
 
 
-def atomic_savefig(fig, path):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+def save_figure(fig, path):
+    files.save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def plot_run(ax_ood, ax_pref, probs, legend=True):
@@ -189,29 +180,29 @@ def plot_run(ax_ood, ax_pref, probs, legend=True):
 
 
 def plot_cell(probs, loss, beta, seed, path):
-    fig, (a, b) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True)
+    fig, (a, b) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True, dpi=90)
     plot_run(a, b, probs)
     a.set_title(f"{loss.upper()}, beta = {beta}, seed {seed}")
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_seeds(histories, loss, beta, path):
     """Fig. 18: the same run repeated with different seeds."""
     n = len(histories)
-    fig, axes = plt.subplots(2, n, figsize=(4 * n, 5.5), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 5.5), sharex=True, squeeze=False, dpi=90)
     for s, probs in enumerate(histories):
         plot_run(axes[0, s], axes[1, s], probs, legend=True)
         axes[0, s].set_title(f"{loss.upper()}, beta = {beta}, seed {s}")
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_grid(results, losses, betas, n_seeds, path):
     """All (loss, beta) cells: OOD mass (solid) and the chosen trajectory's probability
     (dashed) over training, one colour per seed."""
     fig, axes = plt.subplots(len(losses), len(betas), figsize=(3.2 * len(betas), 2.6 * len(losses)),
-                             sharex=True, sharey=True, squeeze=False)
+                             sharex=True, sharey=True, squeeze=False, dpi=90)
     for r, loss in enumerate(losses):
         for c, beta in enumerate(betas):
             ax = axes[r, c]
@@ -234,7 +225,7 @@ def plot_grid(results, losses, betas, n_seeds, path):
     fig.suptitle("Tree MDP (App. E): OOD mass (solid) and chosen probability (dashed), mean over seeds in titles",
                  fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path)
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -247,7 +238,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="full-batch Adam steps of each DAA run")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the DAA runs")
     p.add_argument("--hidden", type=int, default=64, help="GRU hidden size (also the action embedding size)")
-    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated DAA losses")
+    p.add_argument("--losses", default="dpo,ipo,slic", help="comma-separated DAA losses (daa.LOSSES; default: the "
+                   "paper's three, App. E)")
     p.add_argument("--betas", default=",".join(map(str, BETAS)), help="comma-separated betas")
     args = p.parse_args(argv)
     losses = args.losses.split(",")
@@ -315,8 +307,8 @@ def main(argv=None):
     config.update(losses=losses, betas=betas, optimizer="Adam, full batch", policy="GRU",
                   demonstrations=DEMOS, chosen=CHOSEN, rejected=REJECTED)
     runtime = time.time() - t0
-    atomic_write_json({"config": config, "runs": runs, "proposition1": prop1, "runtime_s": runtime},
-                      os.path.join(args.out, "summary.json"))
+    files.write_json(os.path.join(args.out, "summary.json"),
+                     {"config": config, "runs": runs, "proposition1": prop1, "runtime_s": runtime}, indent=1)
     print(f"wrote {args.out}/summary.json and plots in {runtime:.0f} s")
 
 

@@ -10,11 +10,11 @@ A training script reads top to bottom with these pieces:
         stats = train_step(model, optimizer, batches, loss_fn, env, args, step)
         log_step(...); if step + 1 in plan.checkpoint_steps: save_checkpoint(...)
 
-Batching (App. B of the paper; Conventions in DESIGN.md): `--batch-size` is the global
-batch, split as micro-batch × accumulation steps × world size. The data order is a
-permutation drawn from (seed, epoch) alone, so a resumed run sees exactly the batches an
-uninterrupted run sees; within a step, examples are grouped by length (micro_batch_indices).
-Every file is written to a temporary name and renamed into place.
+Batching (App. B of the paper): `--batch-size` is the global batch, split as micro-batch ×
+accumulation steps × world size. The data order is a permutation drawn from (seed, epoch)
+alone, so a resumed run sees exactly the batches an uninterrupted run sees; within a step,
+examples are grouped by length (micro_batch_indices). Every file is written atomically
+(files.py); the run directory's layout is docs/formats.md's.
 """
 import base64
 import json
@@ -37,12 +37,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import download
-import logprobs
+import files
 from download import cache_dir
+from logprobs import IGNORE, scored_tokens
 from model import Config, GPTNeoX, unreadable
 
-IGNORE = -100  # label of prompt and padding positions (logprobs.py gives them log-prob 0)
 FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device",  # the math stays the same
                                    "activation_checkpointing", "dist_timeout", "compile", "attention"}
 
@@ -98,33 +97,42 @@ def add_args(parser, checkpoints):
 
 # ---------------------------------------------------------------- processes and devices
 
-def setup(args):
-    """One process per device, as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE); plain python is rank 0 of 1."""
+def init_process(device, seed, dist_timeout=180):
+    """This process's rank, world size and device, as torchrun starts them (RANK, LOCAL_RANK,
+    WORLD_SIZE; plain python is rank 0 of 1), with the process group joined (NCCL on CUDA, gloo
+    on CPU) and torch seeded. sample.py and rm.py call it directly; training scripts via setup()."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(args.device)
+    device = torch.device(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # logprobs.py's fp32 matmuls on tensor cores
     owns_group = world > 1 and not dist.is_initialized()
     if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=getattr(args, "dist_timeout", 180)))
-    if args.fsdp and world == 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=dist_timeout))
+    torch.manual_seed(seed)
+    return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, main=rank == 0,
+                           owns_group=owns_group)
+
+
+def setup(args):
+    """init_process for a training script, plus its compute dtype: autocast in bf16 on CUDA by default."""
+    env = init_process(args.device, args.seed, args.dist_timeout)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # logprobs.py's fp32 matmuls on tensor cores
+    if args.fsdp and env.world == 1:
         raise ValueError("--fsdp shards over processes: start it with torchrun --nproc_per_node N (N > 1)")
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    env.dtype = args.dtype or ("bfloat16" if env.device.type == "cuda" else "float32")
     # A fresh context per use: one torch.autocast object must not be entered twice (the reference
     # model's forward runs inside the policy's loss function).
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
-    torch.manual_seed(args.seed)
-    return SimpleNamespace(rank=rank, world=world, local_rank=local_rank, device=device, main=rank == 0,
-                           dtype=dtype, autocast=autocast, owns_group=owns_group)
+    env.autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if env.dtype == "bfloat16" \
+        else nullcontext
+    return env
 
 
 def finish(env):
     if getattr(env, "run_dir", None):
-        download.release(env.run_dir)  # the run directory's lock (prepare_out)
+        files.release(env.run_dir)  # the run directory's lock (prepare_out)
     if env.owns_group:
         dist.destroy_process_group()
 
@@ -143,6 +151,19 @@ def reduce_sum(env, values):
     return dict(zip(keys, packed.tolist()))
 
 
+def evaluate(model, loss_fn, batches, env):
+    """Sums over the held-out `batches` of every per-example statistic loss_fn returns, over all
+    processes, plus "examples": the caller turns them into means (daa.py, sft.py, rm.py)."""
+    sums = {}
+    with torch.no_grad(), env.autocast():
+        for batch in batches:
+            _, stats = loss_fn(model, batch)
+            stats["examples"] = torch.ones_like(stats["loss"])
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+    return reduce_sum(env, sums)
+
+
 def say(env, *msg):
     if env.main:
         print(*msg, flush=True)
@@ -150,26 +171,19 @@ def say(env, *msg):
 
 # ---------------------------------------------------------------- data
 
-def read_jsonl(path, keys, limit=None):
-    """The first `limit` objects of a JSONL file; each must hold string values for `keys`."""
+def read_examples(path, keys, limit=None):
+    """The first `limit` examples of a prepared JSONL file, each holding string values for `keys`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run data/<name>/prepare.py --out-dir {path.parent}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in keys if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
-            if missing:
-                raise ValueError(f"{path}:{n}: needs string field(s) {', '.join(missing)}")
-            rows.append({k: row[k] for k in keys})
+    for n, row in files.iter_jsonl(path) if limit != 0 else ():
+        missing = [k for k in keys if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{n}: needs string field(s) {', '.join(missing)}")
+        rows.append({k: row[k] for k in keys})
+        if len(rows) == limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
@@ -224,7 +238,7 @@ def collate(examples, pad_id):
         ids[i, :len(p) + len(r)] = np.concatenate((p, r))
         labels[i, len(p):len(p) + len(r)] = r
     labels = torch.from_numpy(labels)
-    return {"input_ids": torch.from_numpy(ids), "labels": labels, "scored": logprobs.scored_tokens(labels),
+    return {"input_ids": torch.from_numpy(ids), "labels": labels, "scored": scored_tokens(labels),
             "tokens": torch.tensor(sum(len(p) + len(r) for p, r in examples))}
 
 
@@ -409,13 +423,6 @@ def train_step(model, optimizer, batches, loss_fn, env, args, step):
 
 # ---------------------------------------------------------------- run directory, checkpoints, resume
 
-def write_atomic(path, text):
-    """Write `text` to `path` via a temporary file and a rename: readers never see half a file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def prepare_out(args, env):
     """Create the run directory, or find the checkpoint to resume from.
 
@@ -427,7 +434,7 @@ def prepare_out(args, env):
     out = Path(args.out)
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
-        download.hold(out, f"run directory {out}")
+        files.hold(out, f"run directory {out}")
         env.run_dir = out  # released by finish(env)
     flags = dict(vars(args))
     args_file, latest = out / "args.json", out / "latest"
@@ -443,13 +450,14 @@ def prepare_out(args, env):
         state = json.loads((latest / "trainer_state.json").read_text())
         state["dir"] = str(latest.resolve())
     if env.main:
-        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".ckpt-*.tmp-*"):  # a checkpoint half-written by a killed run (files.atomic_dir)
+            shutil.rmtree(stale)
         if not args_file.exists():
-            write_atomic(args_file, json.dumps(flags, indent=2) + "\n")
+            files.write_json(args_file, flags)
         metrics = out / "metrics.jsonl"
         if metrics.exists():
             keep = [l for l in metrics.read_text().splitlines() if state and json.loads(l)["step"] <= state["step"]]
-            write_atomic(metrics, "".join(l + "\n" for l in keep))
+            files.write_text(metrics, "".join(l + "\n" for l in keep))
     barrier(env)
     if state and state["step"] < state["total_steps"]:
         rng = state["rng"][min(env.rank, len(state["rng"]) - 1)]
@@ -494,22 +502,19 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
     if env.main:
         out = Path(args.out)
         name = f"ckpt-{step * plan.batch_size}"
-        tmp, final = out / f"{name}.tmp", out / name
-        shutil.rmtree(tmp, ignore_errors=True)
-        with torch.device("meta"):
-            cpu_model = GPTNeoX(unwrap(model).config)
-        cpu_model.load_state_dict(weights, assign=True)
-        cpu_model.save_pretrained(tmp)  # config.json + model.safetensors, the HF GPT-NeoX layout
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        save_optimizer(optim, tmp / "optimizer.safetensors")
-        state = {"step": step, "total_steps": plan.total_steps, "examples": step * plan.batch_size,
-                 "epoch": step / plan.steps_per_epoch, "fraction": step / plan.total_steps, "seed": plan.seed,
-                 "world_size": env.world, "rng": rngs}
-        for fname, obj in {"trainer_state.json": state, **(extra or {})}.items():
-            (tmp / fname).write_text(json.dumps(obj, indent=2) + "\n")
-        if final.exists():  # left by a run killed between this rename and the `latest` update
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        final = out / name
+        with files.atomic_dir(final) as tmp:  # replaces one left by a run killed before `latest` moved
+            with torch.device("meta"):
+                cpu_model = GPTNeoX(unwrap(model).config)
+            cpu_model.load_state_dict(weights, assign=True)
+            cpu_model.save_pretrained(tmp)  # config.json + model.safetensors, the HF GPT-NeoX layout
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            save_optimizer(optim, tmp / "optimizer.safetensors")
+            state = {"step": step, "total_steps": plan.total_steps, "examples": step * plan.batch_size,
+                     "epoch": step / plan.steps_per_epoch, "fraction": step / plan.total_steps, "seed": plan.seed,
+                     "world_size": env.world, "rng": rngs}
+            for fname, obj in {"trainer_state.json": state, **(extra or {})}.items():
+                files.write_json(tmp / fname, obj)
         link = out / "latest.tmp"
         link.unlink(missing_ok=True)
         link.symlink_to(name)
@@ -531,8 +536,8 @@ def save_optimizer(optim_state, path):
             else:
                 scalars[f"{name}/{k}"] = v
     meta = {"param_groups": json.dumps(optim_state["param_groups"]), "scalars": json.dumps(scalars)}
-    save_file(tensors, f"{path}.tmp", metadata=meta)
-    os.replace(f"{path}.tmp", path)
+    with files.atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def read_optimizer(path):

@@ -62,7 +62,7 @@ def typical(tok, pairs, n, max_length):
     """The n pairs whose (truncated) prompt length is closest to the mean, and the fixture's mean lengths."""
     import training
     enc = [training.encode(tok, p["prompt"], [p["chosen"], p["rejected"]], max_length) for p in pairs]
-    prompt = [s[0][1].count(training.IGNORE) for s in enc]
+    prompt = [s[0][1].count(logprobs.IGNORE) for s in enc]
     response = [len(ids) - P for s, P in zip(enc, prompt) for ids, _ in s]
     mean_p, mean_r = sum(prompt) / len(prompt), sum(response) / len(response)
     order = sorted(range(len(pairs)), key=lambda i: abs(prompt[i] - mean_p))

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import files  # noqa: E402
 import training  # noqa: E402
 from fit import n_params  # noqa: E402
 from model import PYTHIA  # noqa: E402
@@ -451,7 +452,7 @@ def check_prepared(S, dry_run):
                              "(other --quick/--labeller/data flags): use a new OUT")
     elif not dry_run:
         S.out.mkdir(parents=True, exist_ok=True)
-        training.write_atomic(path, json.dumps({"prepare": new}) + "\n")
+        files.write_json(path, {"prepare": new})
 
 
 def get_parser():

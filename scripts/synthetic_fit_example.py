@@ -82,4 +82,4 @@ print("\nEq. 5 recovered from all checkpoints (true → fitted):")
 fits = fit.json.loads((out / "fits.json").read_text())["scaling_law"]["all"]
 for (loss, model), (alpha, beta_law) in truth.items():
     f = fits[loss][model]
-    print(f"{loss:<5} {model:<12} α {alpha:.4f} → {f['alpha']:.4f}   β {beta_law:.4f} → {f['beta']:.4f}")
+    print(f"{loss:<5} {model:<12} α {alpha:.4f} → {f['rd_alpha']:.4f}   β {beta_law:.4f} → {f['rd_beta']:.4f}")

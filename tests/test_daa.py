@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_training import ROOT, RUN, max_diff, tldr_pairs, weights, write_inputs
 
 import daa  # noqa: E402  (test_training put the repository root on sys.path)
-import download  # noqa: E402
+import files  # noqa: E402
 import logprobs  # noqa: E402
 import sft  # noqa: E402
 import training  # noqa: E402
@@ -66,6 +66,103 @@ def test_unknown_loss():
         daa.daa_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, BETA, "kto")
 
 
+# ---------------------------------------------------------------- the published fixes, in float64 against their sources' formulas
+
+# Three pairs, each response's own log-ratio h = log π − log π_ref: h_w = 1, −0.5, 0 and h_l = −1, 1, −3;
+# π(y_w) falls below π_ref(y_w) only in pair 1 (by 0.5). Token counts 4/2/3 (chosen) and 5/1/3 (rejected).
+PC, PR = torch.tensor([-10.0, -5.0, -3.0], dtype=torch.float64), torch.tensor([-12.0, -4.0, -9.0], dtype=torch.float64)
+RC, RR = torch.tensor([-11.0, -4.5, -3.0], dtype=torch.float64), torch.tensor([-11.0, -5.0, -6.0], dtype=torch.float64)
+NC, NR = torch.tensor([4, 2, 3]), torch.tensor([5, 1, 3])
+H_W, H_L = [1.0, -0.5, 0.0], [-1.0, 1.0, -3.0]
+
+
+def log_sigmoid(z):
+    return -math.log1p(math.exp(-z))
+
+
+def by_formula(loss, beta, **o):
+    """Per-pair losses and rewards of each source's formula, written out with `math`, pair by pair."""
+    out = []
+    for i, (hw, hl) in enumerate(zip(H_W, H_L)):
+        pc, pr, rc = PC[i].item(), PR[i].item(), RC[i].item()
+        if loss == "chipo":  # link φ(z) = z + log z: implicit reward β(e^h + h); logit clipped to [−2R, 2R]
+            rw, rl = beta * (math.exp(hw) + hw), beta * (math.exp(hl) + hl)
+            R = o.get("chipo_clip", 5.0)
+            out.append((-log_sigmoid(min(max(rw - rl, -2 * R), 2 * R)), rw, rl))
+        elif loss == "dpop":  # −log σ(β[(h_w − h_l) − λ·max(0, log π_ref(y_w) − log π(y_w))])
+            lam = o.get("dpop_lambda", 50.0)
+            out.append((-log_sigmoid(beta * ((hw - hl) - lam * max(0.0, rc - pc))), beta * hw, beta * hl))
+        elif loss == "caldpo":  # −log σ(h_w − h_l) + ½[(h_w − 1/(2β))² + (h_l + 1/(2β))²]
+            c = 1 / (2 * beta)
+            out.append((-log_sigmoid(hw - hl) + 0.5 * ((hw - c) ** 2 + (hl + c) ** 2), beta * hw, beta * hl))
+        elif loss == "simpo":  # reference-free, per-token means ā: −log σ(β(ā_w − ā_l) − γ), γ = (γ/β)·β
+            aw, al = pc / NC[i].item(), pr / NR[i].item()
+            gamma = o.get("simpo_gamma", 0.5 * beta)
+            out.append((-log_sigmoid(beta * (aw - al) - gamma), beta * aw, beta * al))
+    return [list(col) for col in zip(*out)]
+
+
+@pytest.mark.parametrize("loss,beta,options", [
+    ("chipo", 0.5, {}),  # R = 5: no logit reaches ±10
+    ("chipo", 0.5, {"chipo_clip": 1.0}),  # pair 0's logit 2.175 clipped to 2; 1.975 and −1.806 are not
+    ("chipo", 0.05, {}),
+    ("dpop", 0.5, {}),  # λ = 50: pair 1's logit β(−1.5 − 25) = −13.25
+    ("dpop", 0.5, {"dpop_lambda": 2.0}),
+    ("caldpo", 0.5, {}), ("caldpo", 0.1, {}),
+    ("simpo", 2.0, {}),  # the authors' β with their γ/β = 0.5
+    ("simpo", 0.5, {"simpo_gamma": 0.3}),
+])
+def test_published_losses_by_formula_in_float64(loss, beta, options):
+    losses, chosen_rewards, rejected_rewards = daa.daa_loss(PC, PR, RC, RR, beta, loss, chosen_lengths=NC,
+                                                            rejected_lengths=NR, **options)
+    expected, rewards_w, rewards_l = by_formula(loss, beta, **options)
+    assert losses.dtype == torch.float64
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chosen_rewards, torch.tensor(rewards_w, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rejected_rewards, torch.tensor(rewards_l, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_chipo_clip_stops_the_gradient_and_dpop_penalises_only_a_falling_chosen():
+    pc = PC.clone().requires_grad_()
+    daa.daa_loss(pc, PR, RC, RR, 0.5, "chipo", chipo_clip=1.0)[0].sum().backward()
+    assert pc.grad[0] == 0 and pc.grad[1] < 0 and pc.grad[2] < 0  # pair 0 is clipped: no gradient
+    dpo, dpop = (daa.daa_loss(PC, PR, RC, RR, 0.5, loss)[0] for loss in ("dpo", "dpop"))
+    assert dpop[[0, 2]].tolist() == dpo[[0, 2]].tolist() and dpop[1] > dpo[1]  # only pair 1's π(y_w) < π_ref(y_w)
+
+
+@pytest.mark.parametrize("h_w,h_l", [(50.0, -50.0), (-50.0, 50.0), (50.0, 50.0), (-50.0, -50.0)])
+def test_chipo_gradient_is_finite_at_large_log_ratios_in_float32(h_w, h_l):
+    ref = torch.tensor([-20.0, -20.0])
+    for clip in (5.0, 1e30):  # the default R, and an R that never binds (the gradient then flows through e^h)
+        pc, pr = (ref + h_w).requires_grad_(), (ref + h_l).requires_grad_()
+        losses, chosen_rewards, _ = daa.daa_loss(pc, pr, ref, ref, 0.1, "chipo", chipo_clip=clip)
+        losses.sum().backward()
+        assert torch.isfinite(losses).all() and torch.isfinite(chosen_rewards).all()
+        assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    if h_w < h_l:  # the unclipped loss still pushes: log π(y_w) up, log π(y_l) down
+        assert (pc.grad < 0).all() and (pr.grad > 0).all()
+
+
+def test_losses_refuse_what_they_do_not_take():
+    with pytest.raises(ValueError, match="--loss dpo takes no --dpop-lambda"):
+        daa.daa_loss(PC, PR, RC, RR, 0.5, "dpo", dpop_lambda=1.0)
+    with pytest.raises(ValueError, match="--length-alpha changes the margin βh, which --loss chipo does not use"):
+        daa.daa_loss(PC, PR, RC, RR, 0.5, "chipo", length_alpha=0.1, chosen_lengths=NC, rejected_lengths=NR)
+    with pytest.raises(ValueError, match="need the token counts"):
+        daa.daa_loss(PC, PR, RC, RR, 0.5, "simpo")
+    args = daa.get_parser().parse_args(["--init", "-", "--out", "-", "--chipo-clip", "2"])  # --loss dpo
+    with pytest.raises(ValueError, match="--loss dpo takes no --chipo-clip"):
+        daa.make_loss_fn(args, None)  # at once, before any batch
+
+
+def test_help_shows_every_loss_its_source_and_options():
+    text = daa.get_parser().format_help()
+    for name, e in daa.LOSSES.items():
+        assert f"    {name} " in text and e["source"] in text
+        for option, (default, _) in e["options"].items():
+            assert f"--{option.replace('_', '-')}" + (f" {default:g}" if default else "") in text
+
+
 # ---------------------------------------------------------------- the training script
 
 @pytest.fixture(scope="module")
@@ -96,13 +193,13 @@ def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, capsys):
     r = subprocess.run([sys.executable, "-c", killer, *args, "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))  # as this process: same float sums
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
-    assert Path(out / "latest").resolve().name == "ckpt-4" and (out / "ckpt-8.tmp" / "model.safetensors").exists()
+    assert Path(out / "latest").resolve().name == "ckpt-4" and list(out.glob(".ckpt-8.tmp-*/model.safetensors"))
 
     daa.main([*args, "--out", str(out)])  # the same command again
     assert "resuming from" in capsys.readouterr().out
     assert max_diff(weights(out), weights(tmp / "reference")) <= 1e-6
     assert sorted(p.name for p in out.iterdir()) == \
-        ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]  # ckpt-8.tmp was replaced
+        ["args.json", "ckpt-12", "ckpt-4", "ckpt-8", "latest", "metrics.jsonl"]  # the half-written one is gone
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp / "reference" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("loss"), r.get("eval/loss")) for r in logged] == \
@@ -163,6 +260,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(inputs, monkeypatch):
     assert all(torch.isfinite(v).all() for v in load_file(out / "ckpt-4" / "model.safetensors").values())
 
 
+@pytest.mark.parametrize("loss", ["chipo", "dpop", "caldpo", "simpo"])
+def test_published_loss_trains(inputs, loss):
+    """A short run per published loss (β = 0.5): finite throughout, and at step 1, where the policy is the
+    reference (h = 0), its loss and rewards are what its formula gives there."""
+    tmp, args = inputs
+    daa.main([*args, "--loss", loss, "--out", str(tmp / loss)])
+    logged = [json.loads(line) for line in (tmp / loss / "metrics.jsonl").read_text().splitlines()]
+    train, evals = [r for r in logged if "loss" in r], [r for r in logged if "eval/loss" in r]
+    assert len(train) == 3 and len(evals) == 3
+    assert all(math.isfinite(v) for r in logged for v in r.values() if isinstance(v, float))
+    at_reference = {"chipo": math.log(2), "dpop": math.log(2), "caldpo": math.log(2) + 1.0}  # ½[(0 − 1)² + (0 + 1)²]
+    if loss in at_reference:
+        assert train[0]["loss"] == pytest.approx(at_reference[loss], rel=1e-6)
+        assert train[0]["rewards/margin"] == 0
+    else:  # SimPO's reward is the policy's own β·ā, not a log-ratio: it is not 0 at the reference
+        assert train[0]["rewards/chosen"] < 0 and train[0]["rewards/margin"] != 0
+    if loss in ("dpop", "caldpo"):  # their implicit reward is DPO's β·log π/π_ref
+        assert evals[-1]["eval/rewards_chosen"] == pytest.approx(0.5 * evals[-1]["eval/logratio_chosen"], rel=1e-4)
+
+
 # ---------------------------------------------------------------- --average-logps and --nll-alpha on a hand-built batch
 
 def hand_batch():
@@ -173,7 +290,7 @@ def hand_batch():
                            intermediate_size=16))
     prompts, chosen, rejected = [[1, 2], [3]], [[4, 5, 0], [0]], [[6, 0], [7, 8, 9, 0]]
     batch = training.collate([(np.array(p), np.array(r)) for p, r in zip(prompts + prompts, chosen + rejected)], 0)
-    tokens = (batch["labels"] != training.IGNORE).sum(1)
+    tokens = (batch["labels"] != logprobs.IGNORE).sum(1)
     batch.update(idx=[0, 1], split="train", chosen_tokens=tokens[:2], rejected_tokens=tokens[2:])
     # Σ log π per response by hand: the logits at position t score the token at t + 1.
     logp = model(batch["input_ids"]).log_softmax(-1)
@@ -184,9 +301,8 @@ def hand_batch():
 
 
 def loss_of(model, batch, ref, **flags):
-    args = SimpleNamespace(**{"beta": 0.5, "loss": "dpo", "length_alpha": 0.0, "average_logps": False,
-                              "nll_alpha": 0.0, **flags})
-    return daa.make_loss_fn(args, lambda b: ref)(model, batch)
+    args = daa.get_parser().parse_args(["--init", "-", "--out", "-", "--beta", "0.5"])  # daa.py's defaults
+    return daa.make_loss_fn(SimpleNamespace(**{**vars(args), **flags}), lambda b: ref)(model, batch)
 
 
 REF = (torch.tensor([-9.0, -3.0]), torch.tensor([-7.0, -12.0]))
@@ -269,7 +385,7 @@ def test_second_launch_refuses_while_the_first_runs_and_a_rerun_after_sigkill_re
             if line.startswith("CHECKPOINT"):
                 break
         assert first.poll() is None
-        with pytest.raises(download.Busy, match=r"run directory .*locked is being written by another process") as e:
+        with pytest.raises(files.Busy, match=r"run directory .*locked is being written by another process") as e:
             daa.main([*args, "--out", str(out)])
         assert "\n" not in str(e.value)
         assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-4", "latest", "metrics.jsonl"]  # untouched
@@ -320,8 +436,8 @@ def test_prefix_shared_pairs_equal_two_rows_in_float64(tok, cfg, max_length):
     shared, rows = (pair_batch(tok, idx, max_length, prefix_sharing=s) for s in (True, False))
     assert shared["input_ids"].shape[0] == 4 and rows["input_ids"].shape[0] == 8
     assert shared["chosen_tokens"].tolist() == rows["chosen_tokens"].tolist() == \
-        (rows["labels"][:4] != training.IGNORE).sum(1).tolist()
-    assert shared["rejected_tokens"].tolist() == (rows["labels"][4:] != training.IGNORE).sum(1).tolist()
+        (rows["labels"][:4] != logprobs.IGNORE).sum(1).tolist()
+    assert shared["rejected_tokens"].tolist() == (rows["labels"][4:] != logprobs.IGNORE).sum(1).tolist()
     assert shared["rejected_tokens"][2] == 1  # the empty response: its EOS
     assert shared["tokens"] < rows["tokens"]  # the point: each prompt once
     w = torch.tensor([0.3, -1.0, 0.7, 2.0], dtype=torch.float64)
@@ -381,7 +497,7 @@ def test_prefix_shared_mask_positions_and_labels(tok):
         labels = b["labels"][i]
         assert labels[0, P] == c[0] and labels[1, P] == r[0]  # both predicted by position P - 1
         assert labels[0, P:P + C].tolist() == c and labels[1, P + C + 1:P + C + R].tolist() == r[1:]
-        assert (labels[0] != training.IGNORE).sum() == C and (labels[1] != training.IGNORE).sum() == R
+        assert (labels[0] != logprobs.IGNORE).sum() == C and (labels[1] != logprobs.IGNORE).sum() == R
 
 
 def test_no_prefix_sharing_trains_the_same_model(inputs):
@@ -424,7 +540,7 @@ sys.path.insert(0, sys.argv[1])
 import daa, training
 from types import SimpleNamespace
 from model import Config, GPTNeoX
-env = training.setup(SimpleNamespace(device="cpu", fsdp=True, dtype="bfloat16", seed=0))
+env = training.setup(SimpleNamespace(device="cpu", fsdp=True, dtype="bfloat16", seed=0, dist_timeout=5))
 torch.manual_seed(0)
 ref = training.freeze(GPTNeoX(Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64)))
@@ -479,7 +595,7 @@ def tiny_models(dtype=torch.float64):
 def dpo_loss_fn(ref):
     from contextlib import nullcontext
     env = SimpleNamespace(autocast=nullcontext)
-    args = SimpleNamespace(beta=0.1, loss="dpo", length_alpha=0.0, average_logps=False, nll_alpha=0.0)
+    args = daa.get_parser().parse_args(["--init", "-", "--out", "-"])  # daa.py's defaults: DPO, β 0.1
     return daa.make_loss_fn(args, daa.make_reference(ref, {}, env))
 
 

@@ -1,5 +1,4 @@
 """download.py and GPTNeoX.from_pretrained's hub path against a fake hub on 127.0.0.1."""
-import contextlib
 import hashlib
 import json
 import os
@@ -228,36 +227,6 @@ def test_a_killed_downloader_leaves_no_stale_lock(hub):
     assert path.read_bytes() == fake.files[weights]
     gets = [rng for method, p, rng, _ in fake.log if method == "GET" and p == weights]
     assert len(gets) == 2 and gets[-1].startswith("bytes=")  # resumed from the killed one's .part
-
-
-@contextlib.contextmanager
-def held_by_another_process(path):
-    """While the block runs, a child process holds download.hold's lock on `path`."""
-    code = "import download, sys, time; download.hold(sys.argv[1], 'x'); print('held', flush=True); time.sleep(300)"
-    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(Path(download.__file__).parent)))
-    try:
-        assert child.stdout.readline() == "held\n"
-        yield child
-    finally:
-        child.kill()
-        child.wait()
-
-
-def test_hold_refuses_another_process_is_reentrant_and_dies_with_its_holder(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    with held_by_another_process(run):
-        with pytest.raises(download.Busy, match=r"^my run is being written by another process \(it holds the lock"):
-            download.hold(run, "my run")
-    download.hold(run, "my run")  # the killed holder left no stale lock
-    download.hold(run, "my run")  # re-entrant in one process
-    download.release(run)
-    lock = tmp_path / "out.jsonl.lock"
-    download.hold(lock, "out.jsonl")
-    assert lock.exists()
-    download.release(lock)
-    assert not lock.exists() and run.is_dir()  # a lock file goes with its release; a directory stays
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -198,7 +198,7 @@ def test_results_csv_fits_exactly_and_prints_the_table(tmp_path, capsys):
             for i, model in enumerate(("pythia-1b", "pythia-2.8b")):
                 f = fits["scaling_law"][subset][loss][model]
                 assert f["y0_measured"] and f["y0"] == pytest.approx(0.3 + 0.05 * i)
-                assert (f["alpha"], f["beta"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
+                assert (f["rd_alpha"], f["rd_beta"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
                 assert f["rmse"] < 1e-9 < f["rmse_quadratic_kl"]
     assert fits["rmse"]["all"]["dpo"]["n"] == 24
     assert fits["forward_kl"]["dpo"]["pythia-1b"]["n"] == 12
@@ -222,7 +222,7 @@ def test_results_jsonl_without_sft_fits_the_intercept(tmp_path):
     fits, notes = fit.analyze(fit.load([str(path)]), tmp_path / "o")
     f = fits["scaling_law"]["all"]["slic"]["tiny"]
     assert not f["y0_measured"] and f["y0"] == pytest.approx(0.3, abs=1e-9)
-    assert (f["alpha"], f["beta"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
+    assert (f["rd_alpha"], f["rd_beta"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
     assert fits["sft_win_rate"] == {}
 
 
@@ -266,7 +266,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"r.jsonl:1: missing column\(s\) loss"):
         fit.load([str(tmp_path / "r.jsonl")])
     (tmp_path / "r.jsonl").write_text('\n{oops\n')
-    with pytest.raises(ValueError, match=r"r.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"r.jsonl:2: not valid JSON"):
         fit.load([str(tmp_path / "r.jsonl")])
     with pytest.raises(ValueError, match="neither a run directory"):
         fit.load([str(tmp_path)])
@@ -277,7 +277,7 @@ def test_bad_inputs_name_the_file_and_line(tmp_path):
 
 def _write_run(root, model, loss, beta, rng, y0, name=None, args=None, config=None, summary=None,
                steps=(256, 512, 768, 1024)):
-    """A run directory as sft.py/daa.py + sample.py + judge.py lay it out (DESIGN.md, "Files on disk");
+    """A run directory as sft.py/daa.py + sample.py + judge.py lay it out (docs/formats.md, "The run directory");
     `args` adds to args.json, `config` is each checkpoint's config.json, `summary` its samples summary."""
     sft = root / f"{model}-sft"
     run = root / (name or f"{model}-{loss}-{beta}") if loss else sft
@@ -302,7 +302,7 @@ def _write_run(root, model, loss, beta, rng, y0, name=None, args=None, config=No
         lengths = rng.integers(10, 60, n)
         logratios = kl + 0.01 * math.sqrt(kl) * (lengths - 35) + rng.normal(0, 0.3 if loss else 0.0, n)
         (run / f"samples-{tag}.jsonl").write_text("".join(json.dumps(
-            {"id": i, "prompt": "p", "sample": "s", "reference": "r", "length": int(lengths[i]),
+            {"id": i, "prompt": "p", "sample": "s", "reference": "r", "length_tokens": int(lengths[i]),
              "policy_logp": -50.0 + logratios[i], "ref_logp": -50.0}) + "\n" for i in range(n)))
         p = float(law(max(math.sqrt(kl), 1e-9), y0))
         wins = (np.arange(n) < round(p * n)).astype(float)
@@ -331,7 +331,7 @@ def test_every_figure_from_synthetic_run_directories(tmp_path, capsys):
     assert sft[0]["kl"] == 0 and math.isnan(sft[0]["length_r2"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "args.json").write_text('{"loss": "dpo", "beta": 0.1}')
-    (tmp_path / "bad" / "samples-ckpt-9.jsonl").write_text('{"length": 3}\n')
+    (tmp_path / "bad" / "samples-ckpt-9.jsonl").write_text('{"length_tokens": 3}\n')
     with pytest.raises(ValueError, match="ckpt-9/trainer_state.json"):
         fit.read_run(tmp_path / "bad")
     (tmp_path / "bad" / "ckpt-9").mkdir()
@@ -392,7 +392,7 @@ def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
         params = sum(p.numel() for p in GPTNeoX(Config.from_dict(configs["tiny-m"])).parameters())
     assert r["params"] == params and fit.arm(r) == "dpo+nll0.01" and r["length_alpha"] == 0 and r["seed"] == 0
     assert (r["ood_token_rate"], r["gold_reward"], r["proxy_reward"], r["length_words"]) == (0.125, -0.5, 1.5, 7.0)
-    assert "ckpt" not in r and "eos_rate" not in r  # numbers only
+    assert r["ckpt"].startswith("ckpt-") and "eos_rate" not in r  # not the summary's text or booleans: its checkpoint
     assert fit.model_order(rows) == ["tiny-s", "tiny-m", "tiny-l"]
 
     # seeds are separate runs: seed 1 stopped at 0.75, and that is its final checkpoint
@@ -406,7 +406,7 @@ def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
     assert set(law["dpo"]) == {"tiny-s", "tiny-m", "tiny-l"} and set(law["dpo+len0.01"]) == {"tiny-m"}
     assert law["dpo"]["tiny-m"]["n"] == 3 * (4 + 3) and law["dpo+nll0.01"]["tiny-m"]["n"] == 3 * 4  # seeds pooled
     assert fits["scaling_law"]["final"]["dpo"]["tiny-m"]["n"] == 3 * 2
-    assert fits["length_regression"].startswith("Eq. 6 through the origin, uncentred R²")
+    assert fits["length_regression"].startswith("length_r2: Eq. 6 through the origin")
     for name in FIGURES:
         assert (tmp_path / "o" / name).stat().st_size > 5000
     again = {(r["model"], fit.arm(r), r["beta"], r["seed"], r["fraction"]): r
@@ -414,7 +414,12 @@ def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
     r = again["tiny-m", "dpo+nll0.01", 0.1, 0, 1.0]
     assert r["params"] == params and r["ood_token_rate"] == 0.125 and r["nll_alpha"] == 0.01
 
-    centred_rows = fit.load([str(r) for r in runs], length_intercept=True)
-    assert all(a["length_r2"] != b["length_r2"] for a, b in zip(rows, centred_rows) if not fit.is_sft(a))
-    centred, _ = fit.analyze(centred_rows, tmp_path / "c", dpi=40, length_intercept=True)
-    assert centred["length_regression"].startswith("Eq. 6 with an intercept, centred R²")
+    # Eq. 6 both ways: with an intercept, the centred R² of a simple regression is Pearson's r²
+    for r in fit.read_run(runs[1]):
+        tag = next(t for t in (runs[1]).glob("ckpt-*") if json.loads((t / "trainer_state.json").read_text())[
+            "fraction"] == r["fraction"]).name
+        samples = [json.loads(line) for line in (runs[1] / f"samples-{tag}.jsonl").read_text().splitlines()]
+        x = np.array([s["length_tokens"] for s in samples], float)
+        z = np.array([s["policy_logp"] - s["ref_logp"] for s in samples])
+        assert r["length_r2_centred"] == pytest.approx(np.corrcoef(x, z)[0, 1] ** 2, rel=1e-9)
+        assert r["length_r2"] == pytest.approx(1 - ((z - (x @ z / (x @ x)) * x) ** 2).sum() / (z @ z), rel=1e-9)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import judge
+from data.tiny import task
 
 KEY = "sk-test-Secret-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,7 +289,7 @@ PROMPT = "POST: apple red dog cat sun moon star sky TLDR:"
     ("sun sun sun", 1 / 3 - 0.5),
 ])
 def test_gold_reward(response, gold):
-    assert judge.gold_reward(PROMPT, response, SPEC) == pytest.approx(gold)
+    assert task.gold_reward(PROMPT, response, SPEC) == pytest.approx(gold)
 
 
 def test_gold_judge_offline(tmp_path):
@@ -309,7 +310,7 @@ def test_gold_judge_offline(tmp_path):
 def test_bad_samples_file_names_the_line(tmp_path):
     samples = tmp_path / "s.jsonl"
     samples.write_text('{"id": 1, "prompt": "p", "sample": "s", "reference": "r"}\n{"id": 2, "prompt": "p"}\n')
-    with pytest.raises(ValueError, match=r"s\.jsonl:2: missing sample, reference"):
+    with pytest.raises(ValueError, match=r"s\.jsonl:2: missing field\(s\) sample, reference"):
         judge.main([str(samples), "--base-url", "http://127.0.0.1:9/v1"])
 
 
@@ -383,7 +384,7 @@ def test_bad_request_json_and_missing_label(tmp_path, capsys):
 
 
 def test_a_judgments_file_being_written_refuses_a_second_judge(tmp_path):
-    from test_download import held_by_another_process
+    from test_files import held_by_another_process
     samples, _ = write_samples(tmp_path, 2)
     out = tmp_path / "judgments-ckpt-100.jsonl"
     with held_by_another_process(f"{out}.lock"):

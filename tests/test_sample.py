@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import files
 import sample
 import training
 from model import Config, GPTNeoX
@@ -82,14 +83,14 @@ def test_recorded_logps_equal_a_fresh_full_forward(env, tmp_path):
         # a sample ends at its first EOS and keeps it (its log-prob counts); the text and length do not
         toks = r["sample_tokens"]
         assert EOS not in toks[:-1] and r["eos"] == (toks[-1] == EOS)
-        assert r["length"] == len(toks) - r["eos"] and r["sample"] == tok.decode(toks[:r["length"]])
+        assert r["length_tokens"] == len(toks) - r["eos"] and r["sample"] == tok.decode(toks[:r["length_tokens"]])
         assert r["eos"] or len(toks) == 12  # without EOS it runs to --max-new-tokens
     assert 0 < sum(r["eos"] for r in rows) < 6  # both kinds occur here
     diff = torch.tensor([r["policy_logp"] - r["ref_logp"] for r in rows], dtype=torch.float64)
     assert summary["kl"] == pytest.approx(diff.mean().item()) and summary["n"] == 6
     assert summary["kl_se"] == pytest.approx((diff.std() / 6 ** 0.5).item())
     assert summary["sqrt_kl"] == pytest.approx(max(summary["kl"], 0) ** 0.5)
-    assert summary["length"] == pytest.approx(sum(r["length"] for r in rows) / 6)
+    assert summary["length_tokens"] == pytest.approx(sum(r["length_tokens"] for r in rows) / 6)
     assert summary["top10_mass"] == pytest.approx(sum(r["top10_mass"] for r in rows) / 6)
 
 
@@ -230,11 +231,10 @@ def test_torchrun_shards_and_gathers_one_file(env, tmp_path):
 
 
 def test_an_output_being_written_refuses_a_second_sampler(env, tmp_path):
-    from test_download import held_by_another_process
-    import download
+    from test_files import held_by_another_process
     out = tmp_path / "s.jsonl"
     with held_by_another_process(f"{out}.lock"):
-        with pytest.raises(download.Busy, match=f"{out} is being written by another process"):
+        with pytest.raises(files.Busy, match=f"{out} is being written by another process"):
             run(env, out)
     assert not out.exists()
     run(env, out)  # the holder is gone: no stale lock
@@ -258,7 +258,7 @@ def test_ood_token_rate_is_exact_on_a_hand_built_set(tmp_path):
             for toks in ([cat, new, tok.eos_id], [new, new, dog, new, tok.eos_id])]
     assert [r["ood_tokens"] for r in rows] == [1, 3]
     for r in rows:
-        r.update(policy_logp=0.0, ref_logp=0.0, length=len(r["sample_tokens"]) - 1, eos=True,
+        r.update(policy_logp=0.0, ref_logp=0.0, length_tokens=len(r["sample_tokens"]) - 1, length_words=1, eos=True,
                  top10_entropy=0.0, top10_mass=1.0, prompt_cut=False)
     s = sample.summarize(rows, SimpleNamespace(ref="ref", seed=0, temperature=1.0), "ckpt")
     assert s["ood_token_rate"] == 4 / 8
@@ -270,6 +270,7 @@ def test_gold_and_proxy_diagnostics():
                                   "sample_tokens": [1, 2, 3, 0]}, None, spec)
     assert "ood_tokens" not in row
     assert row["gold_reward"] == pytest.approx(2 / 3 - 0.25)
+    assert (row["hits"], row["other_words"]) == (2, 1)
     assert row["proxy_reward"] == pytest.approx(3 * (2 / 3 - 0.25) + 0.5 * 3)
     assert row["length_words"] == 3
 

@@ -40,12 +40,27 @@ def test_random_init_run_learns_and_transformers_loads_its_checkpoints(tmp_path,
     monkeypatch.setattr(training, "encode", lambda *a: encoded.append(1) or real_encode(*a))
     sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(out), *RUN, "--max-examples", "8",
               "--epochs", "3", "--checkpoints", "2", "--optimizer", "adamw", "--seed", "7"])
-    assert len(encoded) == 8  # tokenised once, not once per epoch
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(encoded) == 8 + 8  # 8 training and 8 validation examples, tokenised once, not once per epoch
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(logged) == 6 and logged[-1]["loss"] < logged[0]["loss"] - 1  # third pass over the same 8 examples
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-12", "ckpt-24", "latest", "metrics.jsonl"]
     for f in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "trainer_state.json"):
         assert (out / "latest" / f).is_file(), f
+
+    # held-out NLL per token at the last checkpoint, against full log-softmax over sft_valid.jsonl's 8 rows
+    ev = json.loads((out / "latest" / "eval.json").read_text())
+    tok, model = sft.load_tokenizer(str(out / "latest")), training.load_model(out, seed=0, device="cpu").eval()
+    nll, tokens = 0.0, 0
+    for line in (data / "sft_valid.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        (ids, labels), = training.encode(tok, row["prompt"], [row["response"]], 40)  # RUN's --max-length
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids]))[0], dim=-1)
+        scored = [t for t in range(1, len(ids)) if labels[t] != -100]
+        nll -= sum(logp[t - 1, ids[t]].item() for t in scored)
+        tokens += len(scored)
+    assert ev["eval/examples"] == 8 and ev["eval/nll_per_token"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert ev["eval/nll"] == pytest.approx(nll / 8, rel=1e-4)
 
     from transformers import GPTNeoXForCausalLM
     hf = GPTNeoXForCausalLM.from_pretrained(out / "latest").eval()
@@ -74,7 +89,7 @@ def test_bad_flags_exit_with_one_line_and_write_nothing(tmp_path):
 
 
 def test_a_run_directory_being_written_refuses_a_second_sft_with_one_line(tmp_path):
-    from test_download import held_by_another_process
+    from test_files import held_by_another_process
     model_dir, data = write_inputs(tmp_path)
     out = tmp_path / "out"
     out.mkdir()

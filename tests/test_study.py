@@ -113,7 +113,7 @@ def test_quick_study_end_to_end(quick):
     assert {p["loss"] for p in summary["points"]} == {"dpo", "ipo", "slic"}
     assert len(summary["points"]) == len(summary["runs"]) == 3 * 3  # three checkpoints of each run, one seed
     for p in summary["points"]:
-        assert {"loss", "beta", "fraction", "win_rate", "win_rate_se", "kl", "length", "n_seeds"} <= set(p)
+        assert {"loss", "beta", "fraction", "win_rate", "win_rate_se", "kl", "length_tokens", "n_seeds"} <= set(p)
         assert 0 <= p["win_rate"] <= 1 and p["kl"] > -1 and p["n_seeds"] == 1
         assert 0 <= p["ood_token_rate"] <= 1 and math.isfinite(p["gold_reward"] + p["proxy_reward"])  # sample.py's
     fits = json.loads((out / "fit" / "fits.json").read_text())["scaling_law"]["all"]

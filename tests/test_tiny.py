@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import itertools
+import math
+import random
+from collections import Counter
+
 import numpy as np
 import pytest
 
-import itertools
-import math
-
-from judge import gold_reward, judge_gold, proxy_reward
+from data.tiny import task as tiny_task
+from data.tiny.task import gold_reward, proxy_reward
+from judge import judge_gold
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +123,47 @@ def test_the_length_labeller_prefers_the_padded_summary_the_gold_ranks_lower():
     assert proxy_reward(PROMPT, padded, SPECS["length"]) > proxy_reward(PROMPT, short, SPECS["length"])
     assert proxy_reward(PROMPT, short, SPECS["aligned"]) > proxy_reward(PROMPT, padded, SPECS["aligned"])
 
+
+
+def test_summary_entropy_is_the_generators_by_enumeration():
+    """H(summary | post), summed over every summary the generator can write for one post (each subset of
+    important words, each filler subset, each order), with the probability of each counted from its parts."""
+    spec = tiny_task.make_spec("aligned")
+    post = tiny_task.make_post(random.Random(0), spec)
+    important = [w for w in post if w in tiny_task.IMPORTANT]
+    fillers = [w for w in post if w not in tiny_task.IMPORTANT]
+    keep, k_max = tiny_task.KEEP, tiny_task.MAX_FILLERS
+    probs = {}
+    for kept in itertools.chain.from_iterable(itertools.combinations(important, i) for i in range(4)):
+        for f in range(k_max + 1):
+            for chosen in itertools.combinations(fillers, f):
+                words = kept + chosen
+                for order in itertools.permutations(words):
+                    probs[order] = (keep ** len(kept) * (1 - keep) ** (3 - len(kept)) / (k_max + 1)
+                                    / math.comb(len(fillers), f) / math.factorial(len(words)))
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-12)
+    assert tiny_task.summary_entropy(spec) == pytest.approx(-sum(p * math.log(p) for p in probs.values()), rel=1e-12)
+    assert tiny_task.summary_tokens(spec) == pytest.approx(sum(p * (len(o) + 1) for o, p in probs.items()), rel=1e-12)
+
+
+@pytest.mark.parametrize("variant", sorted(tiny_task.VARIANTS))
+def test_the_generator_keeps_and_pads_with_the_probabilities_the_entropy_assumes(variant):
+    """The (important kept, fillers added) counts of many human summaries of one post follow
+    Binomial(post_important, KEEP) × Uniform{0..MAX_FILLERS}: a χ² check."""
+    spec = tiny_task.make_spec("aligned", variant)
+    post = tiny_task.make_post(random.Random(0), spec)
+    assert len(post) == spec["post_important"] + spec["post_filler"] == len(set(post))
+    n_imp, keep, k_max, rng, n = spec["post_important"], tiny_task.KEEP, tiny_task.MAX_FILLERS, random.Random(1), 20000
+    counts = Counter()
+    for _ in range(n):
+        words = tiny_task.human_summary(rng, post, spec)
+        kept = sum(w in spec["important"] for w in words)
+        counts[kept, len(words) - kept] += 1
+    expected = {(i, f): n * math.comb(n_imp, i) * keep ** i * (1 - keep) ** (n_imp - i) / (k_max + 1)
+                for i in range(n_imp + 1) for f in range(k_max + 1)}
+    expected = {c: e for c, e in expected.items() if e >= 5}  # χ² needs expected counts of 5 or more
+    chi2 = sum((counts[c] - e) ** 2 / e for c, e in expected.items())
+    assert sum(counts[c] for c in expected) > 0.99 * n and chi2 < {16: 37.70, 28: 55.48}[len(expected)]  # χ² 0.999 quantiles, cells − 1 df
 
 
 def test_summary_points_pool_seeds_and_combine_both_errors():

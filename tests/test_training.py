@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT))
 
+import logprobs  # noqa: E402
 import training  # noqa: E402
 from model import Config, GPTNeoX  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -61,6 +62,7 @@ def write_inputs(tmp, weights=True):
     with open(FIXTURES / "tldr_queries_first300.csv", encoding="utf-8") as f:
         rows = [{"prompt": r["query"], "response": r["reference_responses"]} for r in csv.DictReader(f)]
     (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    (data / "sft_valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:48]))
     pairs = tldr_pairs()
     (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:60]))
     (data / "pref_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[60:]))
@@ -99,7 +101,7 @@ def test_encode_truncates_the_prompt_middle_and_keeps_tldr(tok):
         row = next(csv.DictReader(f))
     prompt, response = row["query"], row["reference_responses"]
     (ids, labels), = training.encode(tok, prompt, [response], max_length=40)
-    n_prompt = sum(label == training.IGNORE for label in labels)
+    n_prompt = sum(label == logprobs.IGNORE for label in labels)
     r = tok.encode(response) + [tok.eos_id]
     assert len(ids) == 40 and len(r) > 20
     assert ids[n_prompt:] == labels[n_prompt:] == r[:20]  # a long prompt leaves the response half the budget
@@ -107,13 +109,13 @@ def test_encode_truncates_the_prompt_middle_and_keeps_tldr(tok):
     assert text.startswith("SUBREDDIT: r/AskReddit\n\nTITLE") and text.endswith("\nTL;DR:")
     assert "\nTL;DR:" not in text[:-len("\nTL;DR:")]
     (ids, labels), = training.encode(tok, prompt, [response], max_length=2000)  # fits: untouched, EOS appended
-    assert ids == tok.encode(prompt) + r and labels == [training.IGNORE] * len(tok.encode(prompt)) + r
+    assert ids == tok.encode(prompt) + r and labels == [logprobs.IGNORE] * len(tok.encode(prompt)) + r
 
 
 def test_encode_pairs_share_the_prompt_cut(tok):
     prompt = "POST: " + "word " * 100 + "\nTL;DR:"
     (cw, lw), (cr, lr) = training.encode(tok, prompt, [" short", " a longer answer here"], 24)
-    nw, nr = lw.count(training.IGNORE), lr.count(training.IGNORE)
+    nw, nr = lw.count(logprobs.IGNORE), lr.count(logprobs.IGNORE)
     assert nw == nr and cw[:nw] == cr[:nr] and len(cr) == 24 and cw[-1] == tok.eos_id
 
 
@@ -131,18 +133,18 @@ def test_tokenize_once_as_encode_cuts(tok):
     (p, c, r), = training.tokenize(tok, rows, ("chosen", "rejected"), 24)
     (ids_c, labels_c), (ids_r, _) = training.encode(tok, rows[0]["prompt"], [" short", " a longer answer"], 24)
     assert p.dtype == c.dtype == np.int32 and list(p) + list(c) == ids_c and list(p) + list(r) == ids_r
-    assert len(p) == labels_c.count(training.IGNORE) and c[-1] == r[-1] == tok.eos_id
+    assert len(p) == labels_c.count(logprobs.IGNORE) and c[-1] == r[-1] == tok.eos_id
 
 
-def test_read_jsonl_names_file_and_line(tmp_path):
+def test_read_examples_names_file_and_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2: needs string field\(s\) response"):
-        training.read_jsonl(p, ("prompt", "response"))
+        training.read_examples(p, ("prompt", "response"))
     p.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"x.jsonl:2: not valid JSON"):
-        training.read_jsonl(p, ("prompt", "response"))
-    assert training.read_jsonl(p, ("prompt", "response"), limit=1) == [{"prompt": "a", "response": "b"}]
+        training.read_examples(p, ("prompt", "response"))
+    assert training.read_examples(p, ("prompt", "response"), limit=1) == [{"prompt": "a", "response": "b"}]
 
 
 def plan(world=1, rank=0, batch=8, micro=2, n=40, epochs=2, checkpoints=4, lengths=None):

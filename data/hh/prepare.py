@@ -21,7 +21,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from data.common import (DataError, DownloadError, atomic_dir, comma_list, fetch, field, print_table,  # noqa: E402
+import files  # noqa: E402
+from data.common import (DataError, DownloadError, comma_list, fetch, field, print_table,  # noqa: E402
                          read_jsonl, write_jsonl)
 from download import cache_dir  # noqa: E402
 
@@ -64,7 +65,7 @@ def drop_reason(prompt, chosen, rejected):
 
 
 def record(out, id_, prompt, chosen, rejected):
-    """One row of output file `out` in the layout of DESIGN.md."""
+    """One row of output file `out` in the layout of docs/formats.md."""
     if out.startswith("sft_"):
         return {"prompt": prompt, "response": chosen}
     if out.startswith("pref_"):
@@ -89,7 +90,7 @@ def main(argv=None):
                 stats[out][reason or "kept"] += 1
                 if reason is None:
                     rows[out].append(record(out, f"{subset}/{split}/{n}", prompt, chosen, rejected))
-    with atomic_dir(out_dir) as tmp:
+    with files.atomic_dir(out_dir) as tmp:
         for out in (*OUTPUTS["train"], *OUTPUTS["test"]):
             write_jsonl(tmp / f"{out}.jsonl", rows[out])
     print_table(stats, out_dir)
@@ -98,5 +99,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, DownloadError) as e:
+    except (ValueError, DownloadError) as e:
         sys.exit(f"error: {e}")

@@ -25,7 +25,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
-from data.common import (DataError, DownloadError, atomic_dir, comma_list, fetch, field, print_table,  # noqa: E402
+import files  # noqa: E402
+from data.common import (DataError, DownloadError, comma_list, fetch, field, print_table,  # noqa: E402
                          read_jsonl, write_jsonl)
 from download import cache_dir  # noqa: E402
 from tokenizer import TokenizerError, load_tokenizer  # noqa: E402
@@ -138,7 +139,7 @@ def main(argv=None):
     batch_paths = [fetch("tldr", args.base_url, f"dataset/comparisons/{b}.json", args.raw_dir) for b in args.batches]
     prompt = prompter(load_tokenizer(args.tokenizer), args.max_prompt_tokens)
     stats = defaultdict(Counter)
-    with atomic_dir(out_dir) as tmp:
+    with files.atomic_dir(out_dir) as tmp:
         for out, path in sft_paths.items():
             write_jsonl(tmp / f"{out}.jsonl", sft_rows(path, out, prompt, stats))
         for out, rows in pref_rows(batch_paths, args.eval_splits, prompt, stats).items():
@@ -149,5 +150,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, DownloadError, TokenizerError) as e:
+    except (ValueError, DownloadError, TokenizerError) as e:
         sys.exit(f"error: {e}")
