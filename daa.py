@@ -391,7 +391,8 @@ def main(argv=None):
     eval_pairs = (training.read_examples(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
                   if args.eval_examples else [])
     # Tokenised once, up front (the fixture's TL;DR pairs: 1.3 ms per 8), so that a step only packs ids.
-    pairs, eval_pairs = (training.tokenize(tok, p, ("chosen", "rejected"), args.max_length) for p in (pairs, eval_pairs))
+    pairs, eval_pairs = (training.tokenize(tok, rows, ("chosen", "rejected"), args.max_length)
+                         for rows in (pairs, eval_pairs))
     lengths = [len(p) + len(c) + len(r) if args.prefix_sharing else len(p) + max(len(c), len(r)) for p, c, r in pairs]
     plan = training.make_plan(args, env, len(pairs), lengths)
     state = training.prepare_out(args, env)

@@ -300,7 +300,7 @@ class GPTNeoX(nn.Module):
         new = []
         for _ in range(max_new_tokens):
             mask, pos = left_padding(tokens, x.shape[1])
-            h = self(x, mask, kv_cache=cache, return_hidden=True, position_ids=pos)[:, -1]  # unembed the last position only
+            h = self(x, mask, cache, return_hidden=True, position_ids=pos)[:, -1]  # unembed the last position only
             nxt = sample_token(self.embed_out(h).float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)

@@ -106,7 +106,8 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
     full = torch.cat([ids, new], 1)
     visible, pos = left_padding(torch.cat([mask, keep.long()], 1))  # one mask for both models
     labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), IGNORE)
-    policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True, position_ids=pos)  # temperature 1
+    policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True,
+                                         position_ids=pos)  # temperature 1
     ref_logp = sequence_logps(ref, full, labels, visible, position_ids=pos)
     entropy, mass = top10_indicators(hidden, policy.embed_out.weight, labels)
     return [{"sample_tokens": s, "length_tokens": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,

@@ -36,7 +36,7 @@ def sft_loss(model, batch):
     # the DPO reference code: the objective is log π(y|x) of whole responses, the same sequence
     # log-prob the DAA losses (Eq. 4) and the KL are made of. A per-token mean would instead
     # weigh every token of the batch equally, so short responses would count for less.
-    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], scored=batch["scored"])  # no mask: causal
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], scored=batch["scored"])  # causal
     n_tokens = (batch["labels"] != logprobs.IGNORE).sum(1)
     return -logps.mean(), {"loss": -logps.detach(), "response_tokens": n_tokens}
 
