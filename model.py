@@ -120,7 +120,7 @@ def rotate_half(x):
 def apply_rotary(x, cos, sin):
     """Rotary embedding on the first cos.shape[-1] dims of each head, the rest passes through."""
     r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
+    x_rot, x_pass = x.split((r, x.shape[-1] - r), dim=-1)  # not two slices: their backward zero-fills q's size
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
@@ -134,8 +134,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, D = x.shape
         # GPT-NeoX fuses QKV per head: the output holds [q_h, k_h, v_h] for head 0, then head 1, ...
-        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
+        q, k, v = (t.transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # split, then transpose: no copy in backward
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             t0 = cache.length

@@ -372,3 +372,23 @@ def test_activation_checkpointing_gives_the_same_gradients(name):
             model(ids).sum()
         saved.append(sum(numel))
     assert saved[1] < 0.5 * saved[0]
+
+
+def test_bench_prints_the_ratio_table():
+    """bench/model.py on a small shape, one round: both rows of the table, with ratios, and the greedy
+    tokens of the two implementations identical (it checks parity as well as speed)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/model.py", "--model", "pythia-14m", "--rounds", "1", "--batch-size", "1",
+                        "--seq-len", "16", "--decode-batch", "2", "--prompt-len", "8", "--new-tokens", "3"],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\| (forward\+backward|greedy decode)", line)]
+    assert len(rows) == 2 and all(re.search(r"\| \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) \| \d+\.\d\dx \| \d+\.\d\dx \|$", row)
+                                  for row in rows), r.stdout
+    assert "2 threads" in r.stdout and "load average" in r.stdout
+    assert "greedy tokens identical to transformers: True" in r.stdout
