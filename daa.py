@@ -20,8 +20,24 @@ to the margin of the losses built on it. --nll-alpha A adds A × the per-token n
 log-likelihood of the chosen response to any loss (RPO, Liu et al. 2024: its official code adds
 −ηβ·log π(y_w) summed over tokens, which is A = ηβ|y_w|; TRL's rpo_alpha is a per-token mean
 over the micro-batch, which is A = rpo_alpha when the chosen responses have equal lengths).
+
+Online. `--online R --gold-spec gold.json` (the miniature) trains on the policy's own samples
+instead, to test §4's argument that offline data do not cover the policy's outputs. The run
+has the offline run's pairs, steps and data order, split into R rounds evenly spaced as the
+checkpoints are (R = --checkpoints: every round ends at one). At each round's start, the
+responses of the round's pairs are replaced by two fresh samples of the current policy per
+prompt (sample.draw, temperature 1), labelled by the labeller's Bradley–Terry draw that
+labelled the offline data (task.labeller_prefers_first, an RNG seeded by (seed, round)); the
+round then trains one DAA pass from the previous round's policy, against the SFT reference.
+The round's pairs are written to OUT/online-round<r>.jsonl before it trains, so a resume
+reads what the killed run trained on; each checkpoint's online.json names its round.
+A daa.py run, not an online.py: the loss, batching, reference and checkpoints are this
+file's, and online DPO differs from offline only in where the pairs come from.
 """
 import argparse
+import bisect
+import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -29,11 +45,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
+import files
 import logprobs
+import sample
 import training
+from data.tiny import task
 from download import DownloadError
 from tokenizer import load_tokenizer
 
@@ -230,6 +250,15 @@ def get_parser():
     p.add_argument("--eval-examples", type=int, default=256, help="pairs of pref_eval.jsonl scored at every "
                    "checkpoint (loss, reward accuracy, margin, log-ratios; eval.json); 0 skips evaluation "
                    "(default: %(default)s, App. B: 256 held-out prompts for all evaluations)")
+    p.add_argument("--online", type=int, default=0, metavar="R", help="online DPO in R rounds: each round "
+                   "replaces the responses of its pairs by two fresh samples of the policy at the round's start, "
+                   "labelled by the miniature's labeller (--gold-spec); same pairs and steps as offline "
+                   "(module docstring, \"Online\"); 0, the default, trains on the offline pairs")
+    p.add_argument("--gold-spec", default=None, help="the miniature's gold.json, whose labeller --online asks")
+    p.add_argument("--online-max-new-tokens", type=int, default=None, help="cap on an online sample's new tokens "
+                   "(default: none beyond --max-length and the model's positions; sample.py's --max-new-tokens)")
+    p.add_argument("--online-batch-size", type=int, default=256, help="samples per generate call, per process, "
+                   "when a round draws its pairs (default: %(default)s)")
     training.add_args(p, checkpoints=4)
     return p
 
@@ -252,6 +281,12 @@ def pair_batch(examples, idx, split, pad_id, device, prefix_sharing=True, attent
     if prefix_sharing:
         batch["attention_mask"] = prefix_sharing_mask(batch.pop("segments"), attention)
     return dict(batch, idx=idx, split=split)
+
+
+def pair_lengths(examples, prefix_sharing=True):
+    """Each pair's tokens as pair_batch lays it out (its row, or the longer of its two rows): what
+    training.micro_batch_indices groups micro-batches by."""
+    return [len(p) + len(c) + len(r) if prefix_sharing else len(p) + max(len(c), len(r)) for p, c, r in examples]
 
 
 def prefix_sharing_batch(rows, pad_id):
@@ -378,23 +413,100 @@ def evaluate(model, loss_fn, batches, env):
     return {"eval/examples": int(sums["examples"]), **{k: sums[v] / sums["examples"] for k, v in EVAL_KEYS.items()}}
 
 
+# ---------------------------------------------------------------- --online: DPO on the policy's own samples
+
+def round_starts(plan, rounds):
+    """The first step of each of the R rounds, evenly spaced over the run as the checkpoints are
+    (make_plan): with R = --checkpoints, every round ends at a checkpoint."""
+    return sorted({0} | {max(1, round(plan.total_steps * k / rounds)) for k in range(1, rounds)})
+
+
+def round_examples(plan, first, last):
+    """The pair indices the global batches of steps first..last − 1 train on, every process's."""
+    whole = SimpleNamespace(**{**vars(plan), "rank": 0, "world": 1})  # one process holding the whole batch
+    return sorted({i for step in range(first, last) for micro in training.micro_batch_indices(whole, step)
+                   for i in micro})
+
+
+def online_pairs(args, env, plan, tok, policy, pairs, step, starts):
+    """(r, `pairs` with the responses of round r, the one `step` lies in, replaced by the policy's own)
+    as the round's file OUT/online-round<r>.jsonl holds them. The file is drawn and written first if
+    it does not exist yet, which only the round's first step may do: the policy then is the round's
+    starting point, and a resume reads the very pairs the killed run trained on."""
+    r = bisect.bisect_right(starts, step)  # 1-based
+    path = Path(args.out) / f"online-round{r}.jsonl"
+    first, last = starts[r - 1], starts[r] if r < len(starts) else plan.total_steps
+    exists = path.exists()
+    training.barrier(env)  # every process has looked before rank 0 may write it
+    if not exists:
+        if step != first:
+            raise ValueError(f"{path} is missing, and its round started at step {first}, before step {step} where "
+                             "this run resumed: its pairs cannot be drawn again from the round's starting policy")
+        draw_round(args, env, tok, training.unwrap(policy), pairs, round_examples(plan, first, last), r, path)
+        training.barrier(env)
+    new = list(pairs)
+    for row in files.read_jsonl(path, ("index", "prompt", "chosen", "rejected")):
+        new[row["index"]] = row
+    return r, new
+
+
+def draw_round(args, env, tok, policy, pairs, idx, r, path):
+    """Two samples of `policy` per prompt of the pairs `idx` (each process its share, sample.draw at
+    temperature 1), labelled on rank 0 by the labeller's Bradley–Terry draw (task.labeller_prefers_first,
+    as data/tiny/prepare.py labels the offline pairs) with an RNG seeded by (seed, round)."""
+    spec = task.read_spec(args.gold_spec)
+    max_length = min(args.max_length, policy.config.max_position_embeddings)
+    sampling = argparse.Namespace(temperature=1.0, top_k=0, top_p=1.0)  # the policy's own distribution
+    seed = int(np.random.SeedSequence([args.seed, r, env.rank]).generate_state(1)[0])
+    generator = torch.Generator(env.device).manual_seed(seed)
+    mine, drawn = idx[env.rank::env.world], []
+    rows = [i for i in mine for _ in range(2)]
+    for b in range(0, len(rows), args.online_batch_size):
+        batch = rows[b:b + args.online_batch_size]
+        prompts = [training.cut_prompt(tok, pairs[i]["prompt"], tok.encode(pairs[i]["prompt"]), max_length // 2)
+                   for i in batch]
+        budgets = [min(args.online_max_new_tokens or max_length, max_length - len(x)) for x in prompts]
+        drawn += [sample.sample_text(tok, t) for t in sample.draw(policy, prompts, budgets, tok.eos_id, sampling,
+                                                                    generator)[3]]
+    texts = {i: (drawn[2 * k], drawn[2 * k + 1]) for k, i in enumerate(mine)}
+    if env.world > 1:
+        parts = [None] * env.world
+        dist.all_gather_object(parts, texts)
+        texts = {i: t for part in parts for i, t in part.items()}
+    if env.main:
+        rng, out = random.Random(f"{args.seed}:{r}"), []
+        for i in idx:
+            prompt, (a, b) = pairs[i]["prompt"], texts[i]
+            chosen, rejected = (a, b) if task.labeller_prefers_first(rng, prompt, a, b, spec) else (b, a)
+            out.append({"index": i, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                        "p_chosen": task.preference_probability(prompt, chosen, rejected, spec)})
+        files.write_text(path, "".join(json.dumps(row) + "\n" for row in out))
+        same = sum(x["chosen"] == x["rejected"] for x in out) / len(out)
+        training.say(env, f"online round {r}: {len(out)} pairs of the policy's samples in {path.name} "
+                          f"({same:.1%} identical, mean P(chosen) {np.mean([x['p_chosen'] for x in out]):.3f})")
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.beta <= 0:
         raise ValueError(f"--beta must be positive, got {args.beta}")
+    if args.online and not args.gold_spec:
+        raise ValueError("--online labels the policy's samples with the miniature's labeller: give --gold-spec")
+    if args.online and (args.precompute_ref or args.fsdp):
+        raise ValueError("--online draws new pairs every round, with each process's whole policy: it works "
+                         "without --precompute-ref and --fsdp")
     env = training.setup(args)
     if args.attention == "flex" and env.device.type != "cuda":
         raise ValueError("--attention flex needs --device cuda: torch's flex_attention has no backward on the CPU")
     tok = load_tokenizer(training.model_dir(args.init))
     data = Path(args.data)
-    pairs = training.read_examples(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
+    texts = training.read_examples(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
     eval_pairs = (training.read_examples(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
                   if args.eval_examples else [])
     # Tokenised once, up front (the fixture's TL;DR pairs: 1.3 ms per 8), so that a step only packs ids.
     pairs, eval_pairs = (training.tokenize(tok, rows, ("chosen", "rejected"), args.max_length)
-                         for rows in (pairs, eval_pairs))
-    lengths = [len(p) + len(c) + len(r) if args.prefix_sharing else len(p) + max(len(c), len(r)) for p, c, r in pairs]
-    plan = training.make_plan(args, env, len(pairs), lengths)
+                         for rows in (texts, eval_pairs))
+    plan = training.make_plan(args, env, len(pairs), pair_lengths(pairs, args.prefix_sharing))
     state = training.prepare_out(args, env)
     if training.finished(state, env):
         return training.finish(env)
@@ -428,8 +540,13 @@ def main(argv=None):
                       f"({plan.micro} per forward × {plan.accum} accumulation × {env.world} processes), "
                       f"checkpoints after steps {plan.checkpoint_steps}")
 
+    starts = round_starts(plan, args.online) if args.online else []
     clock = training.start_clock(start)
     for step in range(start, plan.total_steps):
+        if step in starts or (starts and step == start):  # a round begins, or a resume lands inside one
+            r, rows = online_pairs(args, env, plan, tok, policy, texts, step, starts)
+            pairs = training.tokenize(tok, rows, ("chosen", "rejected"), args.max_length)
+            plan.lengths = np.asarray(pair_lengths(pairs, args.prefix_sharing))  # this round's pairs, bucketed
         batches = [batch(idx, "train") for idx in training.micro_batch_indices(plan, step)]
         stats = training.train_step(policy, optimizer, batches, loss_fn, env, args, step)
         training.log_step(args, env, plan, step + 1, stats, clock)
@@ -440,6 +557,8 @@ def main(argv=None):
                 training.log_metrics(args, env, {"step": step + 1, "examples": (step + 1) * plan.batch_size, **ev})
                 training.say(env, " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                 extra["eval.json"] = ev
+            if starts:  # fit.py's online_round: the round this checkpoint ends (or lies in)
+                extra["online.json"] = {"round": r, "rounds": args.online, "pairs": f"online-round{r}.jsonl"}
             training.save_checkpoint(args, env, plan, step + 1, policy, optimizer, tok.enc.name, extra)
     training.finish(env)
 

@@ -314,7 +314,8 @@ def rmse_ratios(S, pts, model=None):
                    for s in ("r_d", "quadratic_kl", "quadratic_d")}
         except ValueError:
             continue
-        out[:, b] = err["quadratic_kl"] / err["r_d"], err["quadratic_d"] / err["r_d"]
+        if err["r_d"] > 0:  # an exact fit (as many points as coefficients) has no ratio
+            out[:, b] = err["quadratic_kl"] / err["r_d"], err["quadratic_d"] / err["r_d"]
     return out
 
 
@@ -557,12 +558,13 @@ def scaling_findings(S):
 # ---------------------------------------------------------------- the over-optimization bench (the leaderboard)
 
 def collapse_kl(S):
-    """The KL at which DPO collapses: the lowest KL of a DPO point DROP_SE paired SEs below DPO's best."""
+    """The KL at which DPO collapses: the lowest KL, beyond its best point's, of a DPO point DROP_SE paired
+    SEs below that best."""
     pts = series(S, "dpo")
     if not pts:
         return math.nan
     best = max(pts, key=lambda p: p["win_rate"])
-    fallen = [p["kl"] for p in pts if drop_in_se(S, best, p) >= DROP_SE]
+    fallen = [p["kl"] for p in pts if p["kl"] > best["kl"] and drop_in_se(S, best, p) >= DROP_SE]
     return min(fallen) if fallen else math.nan
 
 
@@ -571,12 +573,18 @@ def leaderboard_row(S, name, kl_collapse):
     best, top = max(pts, key=lambda p: p["win_rate"]), max(pts, key=lambda p: p["kl"])
     marks = {d: at_sqrt_kl(S, pts, "win", d) for d in SQRT_KL_MARKS}
     drop_se = drop_in_se(S, best, top)
-    hump_verdict = ("keeps the hump" if drop_se >= DROP_SE else "not measured" if math.isnan(kl_collapse)
-                    else "never leaves low KL" if top["kl"] < kl_collapse else "removes the hump")
+    # its drop at DPO's collapse KL, in bootstrap standard errors (the verdict of issue 22)
+    at = stack(S, pts, "win").max(0) - at_sqrt_kl(S, pts, "win", math.sqrt(kl_collapse)) \
+        if math.isfinite(kl_collapse) else np.full(2, math.nan)
+    there = at[0] / np.nanstd(at[1:]) if math.isfinite(at[0]) and np.nanstd(at[1:]) > 0 else math.nan
+    hump = ("not measured" if math.isnan(kl_collapse) else
+            "keeps the hump" if drop_se >= DROP_SE or there >= DROP_SE else
+            "never leaves low KL" if top["kl"] < kl_collapse else "removes the hump")
     row = {"series": name, "loss": pts[0]["loss"], "peak_win_rate": best["win_rate"],
            "peak_win_rate_se": best["win_rate_se"], "peak_kl": best["kl"], "max_kl": top["kl"], "drop_se": drop_se,
+           "drop_at_collapse_se": there,
            "win_at_sqrt_kl": {f"{d:g}": float(v[0]) if math.isfinite(v[0]) else None for d, v in marks.items()},
-           "win_at_sqrt_kl_ci": {f"{d:g}": interval(v)[1] for d, v in marks.items()}, "hump": hump_verdict}
+           "win_at_sqrt_kl_ci": {f"{d:g}": interval(v)[1] for d, v in marks.items()}, "hump": hump}
     if name != "dpo" and series(S, "dpo"):
         row["vs_dpo"] = {}
         for d, v in marks.items():
@@ -588,10 +596,102 @@ def leaderboard_row(S, name, kl_collapse):
 
 def leaderboard(S):
     """One row per series of the main model (docs/formats.md, summary.json["leaderboard"]); the verdicts
-    of issue 22: a fix removes the hump only if it reaches DPO's collapse KL and drops there by under
-    DROP_SE; one whose drop stays small because it never gets there "never leaves low KL"."""
+    of issue 22: a fix removes the hump only if it reaches DPO's collapse KL and drops there (its win
+    rate interpolated at that KL, against its best) by under DROP_SE; one whose drop stays small because
+    it never gets there "never leaves low KL"; one that drops by DROP_SE, there or at its highest KL,
+    keeps the hump."""
     names = sorted({p["series"] for p in S["points"] if p["model"] == S["model"]} - {"sft"},
                    key=lambda n: (n != "dpo", n))
     kl_collapse = collapse_kl(S)
     return {"collapse_kl": kl_collapse, "rows": [leaderboard_row(S, n, kl_collapse) for n in names
                                                  if S.get("on_board", lambda n: True)(n)]}
+
+
+# ---------------------------------------------------------------- the RLHF frontier (issue 23)
+
+def rise_and_fall(S, pts, name, start):
+    """Per replicate: (the statistic's best over the points − its value at `start`, the best − its value
+    at the highest-KL point): a hump has both above 0."""
+    vals, kls = stack(S, pts, name), stack(S, pts, "kl")
+    return vals.max(0) - start, vals.max(0) - pick(vals, kls.argmax(0))
+
+
+def like_rlhf(S):
+    """DAAs against best-of-n on the learned reward model (Gao et al.'s RLHF arm): both over-optimize the
+    gold reward, and how their gold rewards compare at matched KL."""
+    bon = series(S, "bon-rm")
+    if not bon:
+        return None
+    sft_gold = stat(S, sft(S), "gold_reward")
+    comps, text = [], [f"SFT gold {sft(S)['gold_reward']:.3f}; best-of-n (RM): best gold "
+                       f"{max(p['gold_reward'] for p in bon):.3f}, {max(bon, key=lambda p: p['kl'])['gold_reward']:.3f} "
+                       f"at n = {max(p['n'] for p in bon):g} (KL {max(p['kl'] for p in bon):.2f})"]
+    for name, pts in [("best-of-n (RM)", bon)] + [(loss, series(S, loss)) for loss in plain_losses(S)]:
+        rise, fall = rise_and_fall(S, pts, "gold_reward", sft_gold)
+        comps += [compare(f"{name}: best gold − SFT's", rise), compare(f"{name}: best gold − gold at the highest KL",
+                                                                     fall)]
+    for loss in plain_losses(S):
+        pts = series(S, loss)
+        for d in SQRT_KL_MARKS:
+            diff = at_sqrt_kl(S, pts, "gold_reward", d) - at_sqrt_kl(S, bon, "gold_reward", d)
+            if math.isfinite(diff[0]):
+                text.append(f"{loss} − best-of-n (RM), gold at √KL {d:g}: {fmt_ci(compare('', diff))}")
+    return finding("DAAs over-optimize like classical RLHF (§1, Gao et al. 2022): the gold reward rises then falls "
+                   "with KL for each DAA and for best-of-n on the learned reward model", "; ".join(text), comps)
+
+
+def online_reduces_hump(S):
+    """Online DPO (its own samples, labelled each round) against offline DPO at matched KL, at the √KL
+    marks past offline DPO's best point: where offline DPO has started to fall."""
+    online = sorted({p["series"] for p in S["points"] if p["model"] == S["model"] and "+online" in p["series"]
+                     and "+insupport" not in p["series"]})
+    if not online or not series(S, "dpo"):
+        return None
+    peak = math.sqrt(max(series(S, "dpo"), key=lambda p: p["win_rate"])["kl"])
+    comps, text = [], []
+    for name in online:
+        for d in (d for d in SQRT_KL_MARKS if d > peak):
+            diff = at_sqrt_kl(S, series(S, name), "win", d) - at_sqrt_kl(S, series(S, "dpo"), "win", d)
+            if math.isfinite(diff[0]):
+                c = compare(f"{name} − dpo, win at √KL {d:g}", diff)
+                comps.append(c)
+                text.append(f"{c['label']}: {fmt_ci(c)}")
+        best = max(series(S, name), key=lambda p: p["win_rate"])
+        top = max(series(S, name), key=lambda p: p["kl"])
+        text.append(f"{name}: best {best['win_rate']:.3f} at KL {best['kl']:.2f}, highest KL {top['kl']:.2f} → "
+                    f"{top['win_rate']:.3f} (drop {drop_in_se(S, best, top):.1f} SE)")
+    return finding(f"Online data reduces the hump (§4): online DPO keeps more win rate than offline DPO at matched "
+                   f"KL past offline DPO's best (√KL {peak:.2f})", "; ".join(text) or "no √KL mark past offline "
+                   "DPO's best that both reach", comps)
+
+
+def in_support_recovers(S):
+    """Each checkpoint whose win rate fell DROP_SE below its series' best, re-sampled with only the tokens
+    of the training responses: the share of the lost win rate that comes back is the part of the
+    collapse due to token-level OOD mass; the rest is extrapolation inside the vocabulary."""
+    comps, shares, text = [], [], []
+    for loss in plain_losses(S):
+        pts = series(S, loss)
+        twins = {(p["beta"], p["fraction"]): p for p in series(S, f"{loss}+insupport")}
+        if not twins:
+            continue
+        best = max(pts, key=lambda p: p["win_rate"])
+        for p in pts:
+            twin = twins.get((p["beta"], p["fraction"]))
+            if twin is None or not drop_in_se(S, best, p) >= DROP_SE:  # NaN (p is the best): not fallen
+                continue
+            lost, back = stat(S, best, "win") - stat(S, p, "win"), stat(S, twin, "win") - stat(S, p, "win")
+            comps.append(compare(f"{loss} {where(p)} (KL {p['kl']:.1f}): in-support − plain", back))
+            shares.append(back / lost)
+            text.append(f"{loss} {where(p)}: {p['win_rate']:.3f} → {twin['win_rate']:.3f} in support "
+                        f"(best {best['win_rate']:.3f}, OOD {p['ood_token_rate']:.2f} → {twin['ood_token_rate']:.2f})")
+    if not shares:
+        return None
+    share = compare("share of the lost win rate recovered", np.nanmean(np.stack(shares), 0))
+    return finding("In-support sampling recovers the win rate lost to token-level OOD mass (§4, App. E): "
+                   f"it recovers {fmt_ci(share, 2)} of the lost win rate; the rest is extrapolation inside the "
+                   "vocabulary", "; ".join(text), comps)
+
+
+def frontier_findings(S):
+    return [f for f in (like_rlhf(S), online_reduces_hump(S), in_support_recovers(S)) if f is not None]

@@ -3,8 +3,9 @@
     python fit.py out/dpo-b0.1 out/ipo-b0.1 ... --out figures/   # run directories
     python fit.py results.csv --out figures/                     # or a results file
 
-Writes fig1..fig5 PNGs, fits.json and results.csv (the rows it read, in the
-results-file format) to --out, and prints the RMSE table of the three fits.
+Writes fig1..fig5 PNGs (and fig6 when the frontier is in), fits.json and
+results.csv (the rows it read, in the results-file format) to --out, and prints
+the RMSE table of the three fits.
 
 A results file (CSV or JSONL) has one row per (model, loss, beta, fraction of
 the epoch): `model, loss, beta, fraction, win_rate, kl` are required;
@@ -15,6 +16,13 @@ read from) (an empty cell
 or null is missing), and any other numeric column is carried through. A row
 whose loss is "sft" or whose fraction is 0 is the SFT policy of its model:
 d = 0, where every loss's curve starts.
+
+The frontier (Gao et al. 2022's Fig. 1 beside the paper's): bon.py's results
+file has rows of loss "bon" (by `reward` and `n`) and "tilted" (by `reward` and
+`beta`) and no fraction; fits.json["frontier"] fits them with R(d) and Gao et
+al.'s best-of-n form y0 + d(α − β·d), and fig6 draws them beside DPO's
+checkpoints, online (daa.py --online) and sampled in-support (sample.py
+--in-support).
 
 A series (an "arm") is a loss, with its regularisers when they are on:
 daa.py --length-alpha 0.01 gives "dpo+len0.01", --nll-alpha 1 "dpo+nll1"
@@ -57,9 +65,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 REQUIRED = ("model", "loss", "beta", "fraction", "win_rate", "kl")
 OPTIONAL = ("win_rate_se", "forward_kl", "eval_accuracy", "eval_loss", "length_tokens", "length_gamma", "length_r2",
             "length_gamma_centred", "length_r2_centred",
-            "seed", "params", "length_alpha", "nll_alpha")
-TEXT = ("model", "loss")
+            "seed", "params", "length_alpha", "nll_alpha", "online", "online_round", "in_support", "reward", "n")
+TEXT = ("model", "loss", "reward")
 SOURCE = ("run", "ckpt")  # text: where a run directory's row came from (its per-prompt samples and judgments)
+FRONTIER = ("bon", "tilted")  # bon.py's rows: best-of-n (by n) and the tilted optimum (by β), no checkpoint
 NAN = float("nan")
 
 # -----------------------------------------------------------------------------
@@ -75,6 +84,7 @@ SHAPES = {
     "r_d": lambda d: (d, -_xlogx(d)),  # Eq. 5: α·d − β·d·log d
     "quadratic_kl": lambda d: (d ** 2, d ** 4),  # a·KL + b·KL²
     "quadratic_d": lambda d: (d, d ** 2),  # a·d + b·d²
+    "bon": lambda d: (d, -d ** 2),  # Gao et al.'s best-of-n form, d(α − β·d): quadratic_d with β = −b
 }
 
 
@@ -188,7 +198,8 @@ def to_row(raw, where):
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise ValueError(f"{where}: missing column(s) {', '.join(missing)} (need {', '.join(REQUIRED)})")
-    row = {k: str(raw[k]) if k in TEXT else _number(raw.get(k), where, k) for k in REQUIRED + OPTIONAL}
+    row = {k: ("" if raw.get(k) is None else str(raw[k])) if k in TEXT else _number(raw.get(k), where, k)
+           for k in REQUIRED + OPTIONAL}
     row.update({k: str(raw[k]) for k in SOURCE if raw.get(k) not in (None, "")})
     for k, v in raw.items():  # any other numeric statistic is carried through (text columns are not)
         if k not in row and k not in SOURCE and k is not None:
@@ -196,6 +207,11 @@ def to_row(raw, where):
                 row[k] = _number(v, where, k)
             except ValueError:
                 pass
+    if row["loss"] in FRONTIER:
+        if not row["reward"] or not math.isfinite(row["n" if row["loss"] == "bon" else "beta"]):
+            raise ValueError(f"{where}: a {row['loss']} row needs its picking reward and its "
+                             f"{'n' if row['loss'] == 'bon' else 'beta'} (bon.py writes them)")
+        return row
     if not math.isfinite(row["fraction"]):
         raise ValueError(f"{where}: fraction is empty; it is the fraction of the epoch (0 for SFT)")
     if not (is_sft(row) or math.isfinite(row["beta"])):
@@ -231,12 +247,16 @@ def n_params(config):
 
 
 def arm(row):
-    """The series a row belongs to: its loss, with the regularisers that are on (daa.py's flags)."""
+    """The series a row belongs to: its loss, with the regularisers that are on (daa.py's flags), online
+    DPO's rounds (+online4) and in-support sampling (+insupport); bon.py's rows by their picking reward
+    (bon-proxy, bon-rm, tilted-proxy, tilted-rm)."""
+    if row["loss"] in FRONTIER:
+        return f"{row['loss']}-{row['reward']}"
     name = row["loss"]
-    for key, tag in (("length_alpha", "len"), ("nll_alpha", "nll")):
+    for key, tag in (("length_alpha", "len"), ("nll_alpha", "nll"), ("online", "online")):
         if row.get(key, 0) > 0:
             name += f"+{tag}{row[key]:g}"
-    return name
+    return name + ("+insupport" if row.get("in_support", 0) > 0 else "")
 
 
 def _model_name(args):
@@ -251,6 +271,14 @@ def _model_name(args):
     return str(args.get("init", "model"))
 
 
+def model_of(path):
+    """The model name of a run directory, or of a checkpoint inside one (bon.py's policy)."""
+    for run in (Path(path), Path(path).parent):
+        if (run / "args.json").exists():
+            return _model_name(_json(run / "args.json"))
+    return Path(path).name
+
+
 def read_run(run):
     """Rows, one per sampled checkpoint, of a run directory written by daa.py, sample.py and judge.py.
 
@@ -258,7 +286,9 @@ def read_run(run):
     directory"): if file or key names change, adapt them here. A run without a loss
     (sft.py's) gives SFT rows: fraction 0, the start of every DAA curve. Every
     numeric statistic of samples-<ckpt>.summary.json rides along (the run's own
-    seed, loss and length win over the sampler's).
+    seed, loss and length win over the sampler's). sample.py --in-support's
+    samples-<ckpt>+in_support.jsonl give the same checkpoint's row with in_support 1;
+    a daa.py --online run's rows carry `online` (its R) and `online_round` (<ckpt>/online.json).
     """
     run = Path(run)
     args = _json(run / "args.json")
@@ -266,11 +296,12 @@ def read_run(run):
     data_seed = _json(Path(str(args.get("data", ""))) / "gold.json").get("seed")  # the miniature's data seed
     rows = []
     for path in sorted(run.glob("samples-*.jsonl")):
-        tag = path.name[len("samples-"):-len(".jsonl")]  # the checkpoint directory: ckpt-<examples>, latest
-        state, ev = _json(run / tag / "trainer_state.json"), _json(run / tag / "eval.json")
+        tag = path.name[len("samples-"):-len(".jsonl")]  # ckpt-<examples>, latest, ckpt-<examples>+in_support
+        ckpt = tag.removesuffix("+in_support")  # the checkpoint directory
+        state, ev = _json(run / ckpt / "trainer_state.json"), _json(run / ckpt / "eval.json")
         fraction = 0.0 if loss == "sft" else state.get("fraction")
         if fraction is None:
-            raise ValueError(f"{run}: {path.name} has no checkpoint {tag}/trainer_state.json with the fraction of "
+            raise ValueError(f"{run}: {path.name} has no checkpoint {ckpt}/trainer_state.json with the fraction of "
                              "the epoch")
         judgments = run / f"judgments-{tag}.jsonl"
         try:
@@ -282,13 +313,15 @@ def read_run(run):
             raise ValueError(f"{run}/{tag}: a sample or judgment has no key {e}") from None
         (gamma, r2), (gamma_c, r2_c) = [length_regression(lengths, logratios, centred) if len(samples) >= 3
                                         else (NAN, NAN) for centred in (False, True)]
-        summary, config = _json(run / f"samples-{tag}.summary.json"), _json(run / tag / "config.json")
+        summary, config = _json(run / f"samples-{tag}.summary.json"), _json(run / ckpt / "config.json")
         stats = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append(to_row({**stats,
             "model": model, "loss": loss, "beta": args.get("beta"), "fraction": fraction, "seed": args.get("seed"),
             "run": str(run), "ckpt": tag, "data_seed": data_seed,
             "params": n_params(config) if config else None,
             "length_alpha": args.get("length_alpha", 0.0), "nll_alpha": args.get("nll_alpha", 0.0),
+            "online": args.get("online", 0), "online_round": _json(run / ckpt / "online.json").get("round"),
+            "in_support": float(tag != ckpt),
             "win_rate": wins.mean() if len(wins) else None,  # as judge.py's summary
             "win_rate_se": wins.std(ddof=1) / math.sqrt(len(wins)) if len(wins) > 1 else None,
             "kl": summary.get("kl", np.mean(logratios) if samples else None),
@@ -297,7 +330,7 @@ def read_run(run):
             "length_tokens": np.mean(lengths) if samples else None, "length_gamma": gamma, "length_r2": r2,
             "length_gamma_centred": gamma_c, "length_r2_centred": r2_c,
         }, f"{run}/{path.name}"))
-    return sorted(rows, key=lambda r: r["fraction"])
+    return sorted(rows, key=lambda r: (r["fraction"], r["in_support"]))
 
 
 def load(inputs):
@@ -378,27 +411,28 @@ def sft_win_rates(rows):
     """y0 per model: the mean win rate of its SFT rows."""
     by_model = {}
     for r in rows:
-        if is_sft(r) and math.isfinite(r["win_rate"]):
+        if is_sft(r) and not r.get("in_support", 0) > 0 and math.isfinite(r["win_rate"]):
             by_model.setdefault(r["model"], []).append(r["win_rate"])
     return {m: float(np.mean(v)) for m, v in by_model.items()}
 
 
-def fit_all(rows, y0s, notes, x="kl"):
-    """Per arm and model size (seeds pooled): R(d) and both quadratic fits of win rate on d = √x, with RMSEs."""
+def fit_all(rows, y0s, notes, x="kl", y="win_rate", shapes=("quadratic_kl", "quadratic_d")):
+    """Per arm and model size (seeds pooled): R(d) and the other `shapes` fitted to `y` on d = √x, with RMSEs."""
     fits = {}
+    rows = [r for r in rows if math.isfinite(r.get(y, NAN))]
     for loss, model in sorted({(arm(r), r["model"]) for r in rows}):
         pts = [r for r in rows if arm(r) == loss and r["model"] == model]
-        d, y = sqrt_kl([r[x] for r in pts]), np.array([r["win_rate"] for r in pts])
+        d, y_ = sqrt_kl([r[x] for r in pts]), np.array([r[y] for r in pts])
         try:
-            y0, alpha, beta = fit_curve(d, y, "r_d", y0s.get(model))
+            y0, alpha, beta = fit_curve(d, y_, "r_d", y0s.get(model))
             entry = {"n": len(pts), "y0": y0, "y0_measured": model in y0s, "rd_alpha": alpha, "rd_beta": beta,
-                     "rmse": rmse(y, predict("r_d", (y0, alpha, beta), d))}
-            for shape in ("quadratic_kl", "quadratic_d"):
-                coef = fit_curve(d, y, shape, y0s.get(model))
+                     "rmse": rmse(y_, predict("r_d", (y0, alpha, beta), d))}
+            for shape in shapes:
+                coef = fit_curve(d, y_, shape, y0s.get(model))
                 entry[shape] = list(coef)
-                entry[f"rmse_{shape}"] = rmse(y, predict(shape, coef, d))
+                entry[f"rmse_{shape}"] = rmse(y_, predict(shape, coef, d))
         except ValueError as e:
-            notes.append(f"no fit for {loss} {model} (win rate on √{x}): {e}")
+            notes.append(f"no fit for {loss} {model} ({y.replace('_', ' ')} on √{x}): {e}")
             continue
         fits.setdefault(loss, {})[model] = entry
     return fits
@@ -573,6 +607,66 @@ def fig5(data, fits, y0s, colors, losses, path, dpi):
     return _save(fig, path)
 
 
+def _frontier_label(name):
+    """A legend label and plot style for fig6's series."""
+    if name.split("-")[0] in FRONTIER:
+        loss, reward = name.split("-", 1)
+        label = {"bon": "best-of-n", "tilted": "π_ref·exp(r/β)"}[loss] + f" ({'RM' if reward == 'rm' else reward})"
+        return label, {"color": "C3" if reward == "rm" else "C2", "fmt": "-o" if loss == "bon" else "--s", "ms": 3}
+    tags = name.split("+")[1:]
+    label = "DPO" + "".join(f", online ({t[len('online'):]} rounds)" if t.startswith("online") else ", in-support"
+                            for t in tags)
+    color = "C1" if any(t.startswith("online") for t in tags) else "C0"
+    return label, {"color": color, "fmt": "o", "ms": 4, "mfc": "none" if "insupport" in tags else color}
+
+
+def fig6(rows, fits, path, dpi):
+    """Fig. 6: win rate and gold reward vs √KL. DPO's checkpoints (offline, online, sampled in-support)
+    beside best-of-n and the tilted optimum π_ref·e^{r/β}, picked by the proxy and by the reward model:
+    Gao et al. 2022's Fig. 1 beside the paper's. Dotted: Gao et al.'s best-of-n form d(α − βd)."""
+    models = model_order(rows)
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False, dpi=dpi,
+                             layout="constrained")
+    N = max((r.get("samples", NAN) for r in rows if r["loss"] == "bon"), default=NAN)
+    for ax_row, model in zip(axes, models):
+        for ax, key in zip(ax_row, ("win_rate", "gold_reward")):
+            for name in sorted({arm(r) for r in rows}):
+                pts = sorted((r for r in rows if arm(r) == name and r["model"] == model and math.isfinite(r.get(key, NAN))),
+                             key=lambda r: r["kl"])
+                if not pts:
+                    continue
+                label, style = _frontier_label(name)
+                d = sqrt_kl([r["kl"] for r in pts])
+                se = [r["win_rate_se"] for r in pts] if key == "win_rate" else None
+                ax.errorbar(d, [r[key] for r in pts], yerr=np.nan_to_num(se) if se else None, capsize=2, lw=1.2,
+                            label=label, **style)
+                f = fits.get(key, {}).get(name, {}).get(model)
+                if f and name.startswith("bon"):
+                    dd = np.linspace(0, d.max(), 100)
+                    ax.plot(dd, predict("bon", f["bon"], dd), ":", color=style["color"], lw=1.2)
+            if math.isfinite(N):  # the most KL best-of-N can reach, log N − (N − 1)/N
+                ax.axvline(math.sqrt(math.log(N) - (N - 1) / N), color="grey", ls=":", lw=1)
+            ax.set_xlabel("√KL(π‖π_ref)")
+            ax.set_ylabel(f"{key.replace('_', ' ')} ({model})")
+            ax.grid(alpha=0.3)
+    _legend(axes[0][1], fontsize=7)
+    fig.suptitle(f"grey: best-of-{N:g}'s largest KL, log N − (N − 1)/N" if math.isfinite(N) else "", fontsize=8)
+    return _save(fig, path)
+
+
+def frontier(judged, data, out, dpi, notes):
+    """fits["frontier"] and fig6, when bon.py's rows or online DPO's are in: the frontier arms' R(d) and
+    best-of-n fits of win rate and gold reward (intercept free: best-of-1 is the SFT policy, at d = 0),
+    drawn beside DPO's checkpoints (plain DPO, online, in-support; not the other regularisers)."""
+    rows = [r for r in judged if r["loss"] in FRONTIER]
+    dpo = [r for r in data if arm(r).split("+")[0] == "dpo"
+           and all(t.startswith(("online", "insupport")) for t in arm(r).split("+")[1:])]
+    if not rows and not any(r.get("online", 0) > 0 for r in dpo):
+        return {}, []  # no frontier in the inputs: nothing to note, the study without it is the usual one
+    fits = {y: fit_all(rows, {}, notes, y=y, shapes=("bon",)) for y in ("win_rate", "gold_reward")}
+    return fits, [fig6(rows + dpo, fits, out / "fig6_frontier.png", dpi)]
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -585,7 +679,7 @@ def analyze(rows, out, dpi=90):
     if len(judged) < len(rows):
         notes.append(f"{len(rows) - len(judged)} row(s) without a win rate or KL left out of the win-rate fits")
     y0s = sft_win_rates(judged)
-    data = [r for r in judged if not is_sft(r)]  # the DAA checkpoints; SFT only sets y0
+    data = [r for r in judged if not is_sft(r) and r["loss"] not in FRONTIER]  # the DAA checkpoints; SFT sets y0
     final = final_rows(data)
     fits = {"scaling_law": {"final": fit_all(final, y0s, notes), "all": fit_all(data, y0s, notes)}}
     fits["rmse"] = {subset: pooled_rmse(f) for subset, f in fits["scaling_law"].items()}
@@ -601,7 +695,7 @@ def analyze(rows, out, dpi=90):
                                  "length_r2_centred: with an intercept and the centred R²")
 
     losses = sorted({arm(r) for r in data})
-    models = model_order([r for r in rows if not is_sft(r)])
+    models = model_order([r for r in rows if not is_sft(r) and r["loss"] not in FRONTIER])
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
     figures = []
     if data:
@@ -624,7 +718,8 @@ def analyze(rows, out, dpi=90):
         figures.append(fig5(fkl, fits["forward_kl"], y0s, colors, losses, out / "fig5_forward_kl.png", dpi))
     else:
         notes.append("fig5 skipped: no forward_kl with a win rate in the inputs")
-    fits["figures"] = [p.name for p in figures]
+    fits["frontier"], fig = frontier(judged, data, out, dpi, notes)
+    fits["figures"] = [p.name for p in figures + fig]
 
     write_results(out / "results.csv", rows)
     files.write_json(out / "fits.json", fits, indent=1)

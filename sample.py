@@ -16,6 +16,13 @@ next-token probabilities (renormalised) and the mass those 10 hold, averaged
 over the sample. Rows go to `samples-<ckpt>.jsonl` beside the checkpoint, the
 means to `samples-<ckpt>.summary.json`.
 
+--in-support (with --train-data) samples only tokens that occur in some training
+response, from the policy renormalised over them, π_S(y_t) ∝ π(y_t) on S, and
+scores that distribution (so its KL is π_S's to π_ref): the part of a collapse
+that token-level OOD mass causes is what it recovers. It writes
+`samples-<ckpt>+in_support.jsonl`, beside the plain samples, with the same
+prompts and random draws.
+
     python sample.py --ckpt out/dpo/ckpt-46080 --ref out/sft/ckpt-92858
     python sample.py --ckpt out/dpo/ckpt-* --ref out/sft/latest   # every checkpoint of a run
     torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ... --num-prompts 256   # sharded, one file
@@ -35,7 +42,7 @@ import files
 import training
 from data.tiny import task
 from download import cache_dir
-from logprobs import IGNORE, default_chunk_size, sequence_logps
+from logprobs import IGNORE, default_chunk_size, sequence_logps, token_logprobs
 from model import GPTNeoX, left_padding
 from tokenizer import load_tokenizer
 
@@ -74,7 +81,7 @@ def top10_indicators(hidden, weight, labels, k=10, chunk_size=None):
     entropy, mass = torch.empty(n), torch.empty(n)
     w = weight.float()
     for i in range(0, n, chunk):
-        p = (h[i:i + chunk].float() @ w.T).softmax(-1).topk(k, dim=-1).values
+        p = (h[i:i + chunk].float() @ w.T).softmax(-1).topk(min(k, len(w)), dim=-1).values
         m = p.sum(-1)
         q = p / m[:, None]
         entropy[i:i + chunk] = -torch.special.xlogy(q, q).sum(-1).cpu()
@@ -86,30 +93,71 @@ def top10_indicators(hidden, weight, labels, k=10, chunk_size=None):
 
 
 @torch.no_grad()
-def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator):
-    """Sample one continuation per prompt and score it; returns one dict of statistics per prompt.
+def draw(policy, prompts, budgets, eos_id, args, generator, allowed=None):
+    """Sample one continuation per prompt: (ids [B, T], token mask, labels, samples), the prompt
+    and sample tokens of each row with IGNORE labels off the sample, and each sample's token list.
 
     budgets[i] caps row i's new tokens (the rest of --max-length), so a row's sample does not
     depend on which prompts share its batch. A sample ends at its first EOS, which it keeps:
-    emitting EOS is part of the sampled sequence and its log-prob counts.
+    emitting EOS is part of the sampled sequence and its log-prob counts. `allowed` (sorted ids,
+    --in-support) samples from the policy renormalised over those tokens: every other logit is −∞.
     """
     device = policy.embed_out.weight.device
     ids, mask = left_pad(prompts, eos_id)
     ids, mask = ids.to(device), mask.to(device)
-    new = policy.generate(ids, mask, max(budgets), args.temperature, args.top_k, args.top_p, eos_id, generator)
+    hook = None
+    if allowed is not None:
+        off = torch.full((policy.config.vocab_size,), float("-inf"), device=device).index_fill_(0, allowed, 0.0)
+        hook = policy.embed_out.register_forward_hook(lambda module, inputs, logits: logits + off.to(logits.dtype))
+    try:
+        new = policy.generate(ids, mask, max(budgets), args.temperature, args.top_k, args.top_p, eos_id, generator)
+    finally:
+        if hook:
+            hook.remove()
     samples, keep = [], torch.zeros_like(new, dtype=torch.bool)
     for i, budget in enumerate(budgets):
         row = new[i, :budget].tolist()
         toks = row[:row.index(eos_id) + 1] if eos_id in row else row
         samples.append(toks)
         keep[i, :len(toks)] = True
-    full = torch.cat([ids, new], 1)
-    visible, pos = left_padding(torch.cat([mask, keep.long()], 1))  # one mask for both models
+    full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, keep.long()], 1)
     labels = full.masked_fill(~torch.cat([torch.zeros_like(mask, dtype=torch.bool), keep], 1), IGNORE)
+    return full, full_mask, labels, samples
+
+
+def sample_text(tok, toks):
+    """A sample's text: its tokens without the EOS it ends with."""
+    return tok.decode(toks[:len(toks) - (toks[-1:] == [tok.eos_id])])
+
+
+def support_logps(hidden, weight, labels, allowed):
+    """Σ_t log π_S(y_t) of each row's sample under the policy renormalised over the ids `allowed`
+    (--in-support): the log-softmax over the unembedding's rows S alone. A token outside S has no
+    row, and the lookup fails rather than score it."""
+    index = torch.full((weight.shape[0],), -1, dtype=torch.long, device=labels.device)
+    index[allowed] = torch.arange(len(allowed), device=labels.device)
+    targets = labels[:, 1:]
+    where = (targets != IGNORE).nonzero(as_tuple=True)
+    logp = token_logprobs(hidden[:, :-1][where], weight[allowed], index[targets[where]])
+    return torch.zeros(len(labels), dtype=logp.dtype, device=logp.device).index_add(0, where[0], logp)
+
+
+@torch.no_grad()
+def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator, allowed=None):
+    """Sample one continuation per prompt (draw) and score it; returns one dict of statistics per prompt.
+
+    With `allowed` (--in-support) the policy's log-prob and indicators are those of the
+    renormalised distribution it sampled from, so the KL is that distribution's to π_ref.
+    """
+    full, full_mask, labels, samples = draw(policy, prompts, budgets, eos_id, args, generator, allowed)
+    visible, pos = left_padding(full_mask)  # one mask for both models
     policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True,
                                          position_ids=pos)  # temperature 1
+    weight = policy.embed_out.weight
+    if allowed is not None:
+        policy_logp, weight = support_logps(hidden, weight, labels, allowed), weight[allowed]
     ref_logp = sequence_logps(ref, full, labels, visible, position_ids=pos)
-    entropy, mass = top10_indicators(hidden, policy.embed_out.weight, labels)
+    entropy, mass = top10_indicators(hidden, weight, labels)
     return [{"sample_tokens": s, "length_tokens": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
              "policy_logp": policy_logp[i].item(), "ref_logp": ref_logp[i].item(),
              "top10_entropy": entropy[i].item(), "top10_mass": mass[i].item()} for i, s in enumerate(samples)]
@@ -181,6 +229,22 @@ def encode_prompt(tok, row, max_length, max_prompt_length):
     return training.cut_prompt(tok, row["prompt"], ids, max_prompt_length) if row["cut"] else ids
 
 
+def encode_prompts(tok, rows, args, n_positions):
+    """Each row's prompt tokens (encode_prompt) and its budget of new tokens: prompt + sample fit
+    --max-length and the model's `n_positions`, capped by --max-new-tokens. bon.py shares the rule."""
+    max_length = min(args.max_length, n_positions)
+    if args.max_prompt_length < 1 or max_length < 2:
+        raise ValueError(f"--max-prompt-length {args.max_prompt_length} and the max length {max_length} (--max-length "
+                         f"{args.max_length}, the model's {n_positions} positions) must leave "
+                         "a prompt at least 1 token and a sample at least 1")
+    max_prompt_length = min(args.max_prompt_length, max_length // 2)  # a small model's few positions: half each
+    encoded = [encode_prompt(tok, r, max_length, max_prompt_length) for r in rows]
+    for r, e in zip(rows, encoded):
+        if not e:
+            raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
+    return encoded, [min(args.max_new_tokens or max_length, max_length - len(e)) for e in encoded]
+
+
 def find_tokenizer(ckpt):
     for d in (ckpt, ckpt.parent):
         if (d / "tokenizer.json").is_file():
@@ -217,6 +281,10 @@ def get_parser():
                    "adds ood_token_rate, the share of sampled tokens never seen in a training response")
     p.add_argument("--gold-spec", default=None, help="the miniature's gold.json: adds each sample's gold reward, "
                    "its parts (hits, other words), the labeller's proxy reward and its length in words")
+    p.add_argument("--in-support", action="store_true", help="sample only tokens that occur in some training "
+                   "response (--train-data's set, the one ood_token_rate counts against), from the policy "
+                   "renormalised over them; its log-probs, KL and indicators are that distribution's. Writes "
+                   "samples-<ckpt name>+in_support.jsonl, beside the plain samples of the same checkpoint")
     p.add_argument("--out", default=None, help="output JSONL (one --ckpt only); if omitted, samples-<ckpt name>.jsonl beside each checkpoint (summary: <out minus .jsonl>.summary.json)")
     return p
 
@@ -228,9 +296,12 @@ def main(argv=None):
         raise ValueError("--out names one file: give one --ckpt, or leave --out out to write beside each checkpoint")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.in_support and not args.train_data:
+        raise ValueError("--in-support samples from the tokens of the training responses: give --train-data DIR")
     env = training.init_process(args.device, args.seed)
     device = env.device
-    outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}.jsonl" for c in ckpts]
+    tag = "+in_support" if args.in_support else ""  # beside the plain samples, never over them (fit.read_run)
+    outs = [Path(args.out) if args.out else c.parent / f"samples-{c.name}{tag}.jsonl" for c in ckpts]
     if env.main:  # one writer per output: a second sample.py on it refuses at once
         for out in outs:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,29 +315,22 @@ def main(argv=None):
     chosen = select_prompts(all_rows, args.n, args.seed)
     dtype = DTYPES[args.sample_dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=dtype, device=device)
-    max_length = min(args.max_length, ref.config.max_position_embeddings)
-    if args.max_prompt_length < 1 or max_length < 2:
-        raise ValueError(f"--max-prompt-length {args.max_prompt_length} and the max length {max_length} (--max-length "
-                         f"{args.max_length}, the model's {ref.config.max_position_embeddings} positions) must leave "
-                         "a prompt at least 1 token and a sample at least 1")
-    max_prompt_length = min(args.max_prompt_length, max_length // 2)  # a small model's few positions: half each
-    encoded = [encode_prompt(tok, r, max_length, max_prompt_length) for r in chosen]
-    for r, e in zip(chosen, encoded):
-        if not e:
-            raise ValueError(f"{args.prompts}: prompt {r['id']!r} is empty")
+    encoded, budgets = encode_prompts(tok, chosen, args, ref.config.max_position_embeddings)
     seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
     gold_spec = task.read_spec(args.gold_spec) if args.gold_spec else None
     diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
+    allowed = torch.tensor(sorted(seen_ids), device=device) if args.in_support else None
     for ckpt, out in zip(ckpts, outs):
         policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
-        sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose)
+        sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env, ckpt, diagnose, allowed)
         files.release(f"{out}.lock")
         del policy  # before the next loads: two models on the device at a time, never three
     training.finish(env)
 
 
-def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, env, ckpt, diagnose):
-    """Sample this rank's share of the prompts, gather on rank 0, write the rows and their summary."""
+def sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env, ckpt, diagnose, allowed=None):
+    """Sample this rank's share of the prompts, gather on rank 0, write the rows and their summary.
+    `allowed`: --in-support's token ids (sample_batch)."""
     rank, world = env.rank, env.world
     # This rank's share, longest prompts first so a batch holds prompts of similar length (less padding).
     mine = sorted(range(rank, len(chosen), world), key=lambda i: -len(encoded[i]))
@@ -276,12 +340,12 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     for b, batch in enumerate(batches, 1):
         prompts = [encoded[i] for i in batch]
-        budgets = [min(args.max_new_tokens or max_length, max_length - len(e)) for e in prompts]
-        for i, stats in zip(batch, sample_batch(policy, ref, prompts, budgets, tok.eos_id, args, generator)):
+        drawn = sample_batch(policy, ref, prompts, [budgets[i] for i in batch], tok.eos_id, args, generator, allowed)
+        for i, stats in zip(batch, drawn):
             r = chosen[i]
             rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "prompt_tokens": len(encoded[i]),
                                   "prompt_cut": r["cut"], "reference": r["reference"],
-                                  "sample": tok.decode(stats["sample_tokens"][:stats["length_tokens"]]), **stats}))
+                                  "sample": sample_text(tok, stats["sample_tokens"]), **stats}))
             new_tokens += len(stats["sample_tokens"])
         if rank == 0:
             dt = time.time() - t0
@@ -295,6 +359,8 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, max_length, out, args, 
         order = {r["id"]: i for i, r in enumerate(chosen)}
         rows.sort(key=lambda r: order[r["id"]])
         s = summarize(rows, args, ckpt)
+        if allowed is not None:  # `ckpt` names the checkpoint, as in its plain twin's summary
+            s.update(in_support=True, support_tokens=len(allowed))
         out.parent.mkdir(parents=True, exist_ok=True)
         files.write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
         files.write_json(out.with_suffix(".summary.json"), s)

@@ -1,4 +1,4 @@
-"""Plumbing shared by sft.py and daa.py: torchrun setup, data, optimizer, checkpoints, logging.
+"""Plumbing shared by sft.py, daa.py and rm.py: torchrun setup, data, optimizer, checkpoints, logging.
 
 A training script reads top to bottom with these pieces:
 
@@ -488,7 +488,8 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
 
     A kill at any moment leaves `latest` naming a complete checkpoint. Collective: every
     process calls it (FSDP gathers full tensors; each process's RNG state is recorded).
-    `extra` maps file names to JSON objects written alongside (daa.py's eval.json).
+    `extra` maps file names to JSON objects written alongside (daa.py's eval.json). Weights the
+    module has beyond GPT-NeoX's (rm.py's reward head) go to head.safetensors.
     """
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=full)
@@ -506,8 +507,12 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
         with files.atomic_dir(final) as tmp:  # replaces one left by a run killed before `latest` moved
             with torch.device("meta"):
                 cpu_model = GPTNeoX(unwrap(model).config)
-            cpu_model.load_state_dict(weights, assign=True)
+            plain = cpu_model.state_dict().keys()
+            cpu_model.load_state_dict({k: v for k, v in weights.items() if k in plain}, assign=True)
             cpu_model.save_pretrained(tmp)  # config.json + model.safetensors, the HF GPT-NeoX layout
+            head = {k: v.contiguous() for k, v in weights.items() if k not in plain}
+            if head:  # weights GPT-NeoX lacks (rm.py's reward head): their own file, so the model stays plain
+                save_file(head, tmp / "head.safetensors")
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
             save_optimizer(optim, tmp / "optimizer.safetensors")
             state = {"step": step, "total_steps": plan.total_steps, "examples": step * plan.batch_size,

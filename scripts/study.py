@@ -1,20 +1,31 @@
 """The study, end to end: prepare → SFT → DAA runs → sample every checkpoint → judge → fit → summary.
 
-One pipeline, two presets (the paper's §3.1 on GPUs, and its offline miniature):
+    python scripts/study.py tiny OUT [--quick] [--seeds N] [--same-data] [--scaling] [--bench] [--frontier]
+        [--losses LIST] [--variant NAME] [--labeller NAME] [--no-byte-fallback] [--jobs N] [--dry-run]
+    python scripts/study.py paper OUT [--sizes pythia-1b,pythia-2.8b,pythia-6.9b] [--nproc N] [--seeds N] [--jobs N]
+        [--dry-run]
 
-    python scripts/study.py tiny OUT [--quick] [--seeds N] [--scaling] [--jobs N] [--dry-run]
-    python scripts/study.py paper OUT [--sizes pythia-1b,pythia-2.8b,pythia-6.9b] [--nproc N] [--dry-run]
+(scripts/tiny_study.sh and scripts/paper_study.sh; docs/study.md.) plan() writes the study as a flat,
+ordered list of steps: a command of the repository's scripts, the outputs it writes, the outputs it
+needs. execute() starts a step once no unfinished step makes what it needs, the first ready in list
+order (a finished run is sampled while others train), at most --jobs at a time, its output appended
+to a log. --dry-run prints every command and their cost (scripts/estimate.py), and runs nothing.
 
-(scripts/tiny_study.sh and scripts/paper_study.sh call it.) Every stage is a call of the
-repository's own scripts, printed as it starts, one line each; its output goes to a log
-beside its run directory. Re-running the same command resumes: a stage whose outputs are
-complete on disk prints "# skip"; a killed one resumes where it stopped (sft.py and daa.py
-from their `latest` checkpoint, judge.py from its judgments file). `--dry-run` prints the
-commands it would run and an estimate of their cost, and runs nothing.
+Layout (HOME = OUT/<size>/s<seed>; DATA = OUT/data/s<seed>, or OUT/data with --same-data and for the paper):
+    OUT/study.json              each DATA's prepare command: a re-run with other data flags refuses
+    DATA/, DATA.log             data/tiny/prepare.py --seed <seed> (the paper: data/tldr/prepare.py)
+    HOME/sft                    the SFT model, reference of every run beside it; under --scaling a link to
+                                the HOME/sft-lr<lr> of least held-out NLL (HOME/sft-choice.json)
+    HOME/<loss>-<β>[-<arm>]     a DAA run, with samples-<ckpt>.jsonl and judgments-<ckpt>.jsonl
+    HOME/rm, HOME/bon           --frontier: the reward model, best-of-n (bon/bon.jsonl, fit.py reads it)
+    HOME/<run>.log              the output of every command that wrote that run directory
+    OUT/fit/, OUT/summary.json  fit.py; scripts/tiny_summary.py (tiny preset)
 
-Layout: OUT/data/ (prepared once), OUT/<model>/s<seed>/sft and OUT/<model>/s<seed>/<loss>-<β>[-<arm>]
-(run directories), OUT/<model>/s<seed>/<run>.log, OUT/fit/ (fit.py), OUT/study.json (the
-prepare command, so that a re-run with other data flags refuses instead of mixing data).
+Resume: run the same command again. A finished output is skipped (`# skip ...`): a DATA that exists, a
+training run whose latest/trainer_state.json has step == total_steps, a checkpoint's samples summary, a
+judgments summary counting every sample, bon/bon.jsonl, sft-choice.json. A half-done one resumes:
+sft.py, daa.py and rm.py from `latest`, judge.py appends to its judgments, sample.py gets only the
+checkpoints without a summary. fit and the summary always run (seconds).
 """
 import argparse
 import json
@@ -26,480 +37,446 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import files  # noqa: E402
 import training  # noqa: E402
-from fit import n_params  # noqa: E402
+from estimate import estimate  # noqa: E402  (scripts/estimate.py)
 from model import PYTHIA  # noqa: E402
 
-# The miniature: a tiny GPT-NeoX trained from scratch on data/tiny, judged by its gold reward. All its
-# settings live here. DAA as App. B (RMSprop, linear warmup then constant, one epoch, 4 checkpoints),
-# scaled to a ~140k-parameter model: batch 64, lr 1e-4, 30 warmup steps. A sweep chose them
-# (docs/study.md): at lr 3e-5 β hardly moves the final KL (3× over β 0.1–1); at 3e-4 the KL saturates
-# within 25–50 % of the epoch; at 1e-4 it falls monotonically with β over 20× (AdamW as well; RMSprop
-# is the paper's). SFT only has to give a sensible reference: AdamW, lr 2e-3.
+SIZES = ["tiny-s", "tiny-m", "tiny-l"]  # data/tiny/prepare.py writes DATA/models/<size>
+DPO_GRID = [0.1, 0.15, 0.2, 0.3, 0.5, 1.0]
+LENGTH_ARM = {"suffix": "len0.5", "loss": "dpo", "flags": ["--length-alpha", "0.5"]}  # Park et al., Fig. 3 left
+
+# The miniature: a tiny GPT-NeoX trained from scratch on data/tiny, judged by its gold reward. DAA as App. B
+# (RMSprop, warmup then constant, one epoch, 4 checkpoints) at batch 64, lr 1e-4, 30 warmup steps: a sweep chose
+# them (docs/study.md; at 1e-4 the final KL falls monotonically with β over 20×, at 3e-5 over 3×, at 3e-4 it
+# saturates within half the epoch). SFT only has to give a sensible reference.
 TINY = {
+    "preset": "tiny", "sizes": ["tiny-m"], "main": "tiny-m",  # arms and --frontier run at the main size
     "sft_examples": 30000, "pref_examples": 20000, "eval_prompts": 600,  # data/tiny/prepare.py
-    "prepare_flags": [],                       # extra data/tiny/prepare.py flags
-    "models": {"tiny-m": "models/tiny-m"},  # name -> model directory under OUT/data (prepare.py writes them)
-    "batch_size": 64,                          # SFT and DAA
-    "sft_optimizer": "adamw", "sft_lr": 2e-3, "sft_warmup": 0,
-    "optimizer": "rmsprop", "lr": 1e-4, "warmup": 30, "checkpoints": 4, "eval_examples": 500,  # DAA
-    "betas": {"dpo": [0.1, 0.15, 0.2, 0.3, 0.5, 1.0],
-              "ipo": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0],  # IPO's own grid: its target margin is 1/(2β)
-              "slic": [0.1, 0.15, 0.2, 0.3, 0.5, 1.0]},
-    "arms": [],  # extra DAA runs: {"suffix", "loss", "flags" (daa.py), "models"}, at the loss's β grid
-    "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n
-    "quick": {  # --quick: plumbing in about half a minute per seed
-        "sft_examples": 2000, "pref_examples": 1024, "eval_prompts": 64, "checkpoints": 3,
-        "warmup": 4, "eval_examples": 128,  # 16 DAA steps
-        "betas": {"dpo": [0.1], "ipo": [0.1], "slic": [0.1]},
-    },
-    "scaling": {  # --scaling (issue 14): three sizes, each its own SFT reference; two arms at the middle size
-        "models": {"tiny-s": "models/tiny-s", "tiny-m": "models/tiny-m", "tiny-l": "models/tiny-l"},
-        "arms": [{"suffix": "len0.5", "loss": "dpo", "flags": ["--length-alpha", "0.5"], "models": ["tiny-m"]},
-                 {"suffix": "nll1", "loss": "dpo", "flags": ["--nll-alpha", "1"], "models": ["tiny-m"]}],  # RPO
-    },
+    "batch_size": 64, "eval_examples": 500,  # SFT, DAA, RM; held-out examples scored at every checkpoint
+    "sft_optimizer": "adamw", "sft_lr": 2e-3, "sft_warmup": 0,  # SFT and RM, one checkpoint
+    "optimizer": "rmsprop", "lr": {size: 1e-4 for size in SIZES}, "warmup": 30, "checkpoints": 4,  # DAA
+    "losses": ["dpo", "ipo", "slic"],
+    "betas": {"dpo": DPO_GRID, "ipo": [0.02, 0.05, 0.1, 0.2, 0.5, 1.0],  # IPO's target margin is 1/(2β)
+              "slic": DPO_GRID,  # the published fixes: docs/study.md's sweep (β means something else in each)
+              "chipo": [1.0, 0.3, 0.1, 0.03, 0.01, 0.001], "dpop": DPO_GRID,  # at λ 50 no grid spans 10×
+              "caldpo": [0.1, 0.03, 0.01, 0.003, 0.001, 0.0003], "simpo": [0.3, 0.5, 0.7, 1.0, 2.0, 10.0]},
+    "arms": [],  # extra DAA runs at the main size on their loss's β grid: {"suffix", "loss", "flags" (daa.py)}
+    "sample_flags": ["--max-new-tokens", "24", "--batch-size", "200"],  # after --ckpt --ref --prompts --n (bon.py:
+    # the same length cap)
+    "env": {"OMP_NUM_THREADS": "1"},  # one thread per process, --jobs processes side by side
     # --dry-run estimate: tokens per example measured on data/tiny (prompt ~10, response ~3 + EOS)
     "tokens": {"prompt": 10, "response": 4, "sample": 8, "judge_in": 0, "judge_out": 0},
+    # The modes' sub-dicts go over the above in MODES' order (--quick last: a quick version of each).
+    "scaling": {  # issues 14, 21.7: three sizes, each its own SFT reference at its SFT lr of least held-out NLL
+        # The grid brackets every size's least held-out NLL on both task variants (a probe, docs/study.md).
+        "sizes": SIZES, "sft_lrs": {size: [5e-4, 1e-3, 2e-3] for size in SIZES},
+        "arms": [LENGTH_ARM, {"suffix": "nll1", "loss": "dpo", "flags": ["--nll-alpha", "1"]}],  # RPO
+    },
+    "bench": {  # issue 22.3: seven losses; RPO at two small α (placeholders) and length-regularised DPO
+        "losses": ["dpo", "ipo", "slic", "chipo", "dpop", "caldpo", "simpo"],
+        "arms": [LENGTH_ARM, *({"suffix": f"nll{a:g}", "loss": "dpo", "flags": ["--nll-alpha", f"{a:g}"]}
+                               for a in (0.05, 0.2))],
+    },
+    "frontier": {"rm_lr": 1e-3, "bon_samples": 256, "online": 4},  # issue 23.7: rm.py, bon.py, daa.py --online
+    "quick": {  # plumbing in about half a minute per seed (tests): 16 DAA steps
+        "sft_examples": 2000, "pref_examples": 1024, "eval_prompts": 64, "checkpoints": 3, "warmup": 4,
+        "eval_examples": 128, "betas": {"dpo": [0.1], "ipo": [0.1], "slic": [0.1]},  # the other losses get DPO's
+        "sft_lrs": {size: [2e-3, 4e-3] for size in SIZES}, "bon_samples": 16,
+    },
 }
+MODES = ("scaling", "bench", "frontier", "quick")
 
 # The paper (§3.1, App. B): Pythia 1B, 2.8B and 6.9B on Reddit TL;DR, 3 losses × 7 β per size, judged by
 # gpt-4-turbo-2024-04-09 on 256 held-out prompts. App. B's batch 128, RMSprop lr 5e-7, 150 warmup steps,
 # 1 epoch and 4 checkpoints are the defaults of sft.py and daa.py, so no flag repeats them.
 PAPER = {
-    "sizes": ["pythia-1b", "pythia-2.8b", "pythia-6.9b"],
-    "nproc": {"pythia-1b": 2, "pythia-2.8b": 4, "pythia-6.9b": 4},  # App. B: 2 A40, 4 A40, 4 A100
-    # DDP holds 16 bytes per parameter on every GPU (fp32 weights, gradients, RMSprop state, the live
-    # reference): 45 GB at 2.8B, more than an A40's 48 GB leaves beside activations; 110 GB at 6.9B.
-    # FSDP over 4 GPUs: 11 and 28 GB each. 1B under DDP: 16 GB + about 5 GB for 8 shared pairs in bf16.
+    "preset": "paper", "sizes": ["pythia-1b", "pythia-2.8b", "pythia-6.9b"], "main": None, "arms": [],
+    "nproc": {"pythia-1b": 2, "pythia-2.8b": 4, "pythia-6.9b": 4},  # App. B: 2 A40, 4 A40, 4 A100 (others: 8)
+    # DDP holds 16 B per parameter on every GPU (fp32 weights, gradients, RMSprop state, the live reference):
+    # 45 GB at 2.8B, more than an A40's 48 GB leaves beside activations. FSDP over 4 GPUs: 11 GB (6.9B: 28).
     "fsdp": ["pythia-2.8b", "pythia-6.9b", "pythia-12b"],
     "grad_accum": 8,  # App. B: "batch size of 128 (8 gradient accumulation steps)"
     # The paper uses seven β per loss but does not list them: this grid is ours, the same for all
     # three losses so that §3.1's "IPO reaches lower KL at equal β" can be checked.
-    "betas": {loss: [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0] for loss in ("dpo", "ipo", "slic")},
+    "losses": ["dpo", "ipo", "slic"], "betas": {loss: [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0] for loss in
+                                                ("dpo", "ipo", "slic")},
     "eval_prompts": 256, "eval_examples": 256,  # App. B: 256 held-out prompts for all evaluations
-    "batch_size": 128, "checkpoints": 4,        # sft.py / daa.py defaults (App. B), for the plan and estimate
+    "batch_size": 128, "checkpoints": 4,  # sft.py / daa.py defaults (App. B), for the plan and estimate
     "sft_examples": 116722, "pref_examples": 92858,  # data/tldr/prepare.py's sft_train and pref_train rows
-    # --dry-run estimate, assumed: TL;DR prompt (post) and human summary tokens, a policy sample,
-    # and one judge request (our prompt template ~150 tokens + post + both summaries) and its reply.
+    "env": {}, "judge_jobs": 2,  # judging runs beside the GPU jobs, two at a time: it waits on the API
+    # --dry-run estimate, assumed: TL;DR post and summary tokens, a policy sample, a judge request (~150
+    # template tokens + post + both summaries) and its reply
     "tokens": {"prompt": 350, "response": 30, "sample": 100, "judge_in": 630, "judge_out": 40},
 }
 
-# --dry-run estimate assumptions (arithmetic, not measurements).
-GPU = {"name": "A100 bf16 dense", "peak": 312e12}
-MFU = {"train": 0.35, "sample": 0.05}  # decoding is memory-bound: far below the training MFU
-JUDGE_PRICE = {"model": "gpt-4-turbo", "in": 10e-6, "out": 30e-6}  # US$ per token (OpenAI's list price)
-STAGES = ("prepare", "sft", "daa", "sample", "judge", "fit", "summary")
-PLAN = ("batch_size", "sft_examples", "pref_examples", "checkpoints", "eval_prompts", "eval_examples")
+
+def settings(args):
+    """The preset's dict with the chosen modes' sub-dicts over it (their arms add up), and the data flags."""
+    if args.preset == "paper":
+        unknown = [s for s in args.sizes if s not in PYTHIA]
+        if unknown:
+            raise ValueError(f"--sizes: {', '.join(unknown)} not a Pythia model ({', '.join(PYTHIA)})")
+        nproc = {s: args.nproc or PAPER["nproc"].get(s, 8) for s in args.sizes}
+        return {**PAPER, "sizes": args.sizes, "nproc": nproc, "modes": set(), "same_data": True}
+    cfg, modes = {k: v for k, v in TINY.items() if k not in MODES}, {m for m in MODES if getattr(args, m)}
+    for mode in (m for m in MODES if m in modes):
+        cfg = {**cfg, **TINY[mode], "arms": cfg["arms"] + TINY[mode].get("arms", [])}
+    prepare = [a for k in ("variant", "labeller") if getattr(args, k) for a in (f"--{k}", getattr(args, k))]
+    return {**cfg, "losses": args.losses or cfg["losses"], "modes": modes, "same_data": args.same_data,
+            "arms": list({a["suffix"]: a for a in cfg["arms"]}.values()),  # --scaling's and --bench's len0.5 once
+            "prepare_flags": prepare + ["--no-byte-fallback"] * args.no_byte_fallback}
 
 
-# ---------------------------------------------------------------- presets -> one settings object
+# ---------------------------------------------------------------- the commands
 
-def tiny(args):
-    cfg = dict(TINY)
-    for mode in ("quick", "scaling"):
-        if getattr(args, mode):
-            cfg.update(TINY[mode])
-    if args.losses:  # a loss without a grid of its own (a new one, docs/new_loss.md) takes DPO's
-        cfg["betas"] = {loss: cfg["betas"].get(loss, cfg["betas"]["dpo"]) for loss in args.losses}
-    out, data = args.out, args.out / "data"
-    common = ["--data", data, "--batch-size", cfg["batch_size"], "--micro-batch-size", cfg["batch_size"],
-              "--log-interval", 100]
-    prepare = ["python", "data/tiny/prepare.py", "--out-dir", data, "--sft-examples", cfg["sft_examples"],
-               "--pref-examples", cfg["pref_examples"], "--eval-prompts", cfg["eval_prompts"], *cfg["prepare_flags"]]
-    prepare += ["--labeller", args.labeller] if args.labeller else []
-    prepare += ["--no-byte-fallback"] if args.no_byte_fallback else []
-    return SimpleNamespace(
-        out=out, data=data, prepare=prepare, models={m: data / d for m, d in cfg["models"].items()},
-        launch=lambda model: ["python"], nproc=lambda model: 1,
-        sft_flags=lambda model: common + ["--optimizer", cfg["sft_optimizer"], "--lr", cfg["sft_lr"], "--warmup",
-                                          cfg["sft_warmup"], "--checkpoints", 1],
-        daa_flags=lambda model: common + ["--optimizer", cfg["optimizer"], "--lr", cfg["lr"], "--warmup", cfg["warmup"],
-                                          "--checkpoints", cfg["checkpoints"], "--eval-examples", cfg["eval_examples"]],
-        runs=runs(cfg["models"], cfg["betas"], cfg["arms"]),
-        sample_flags=["--n", cfg["eval_prompts"], *cfg["sample_flags"], "--train-data", data,  # ood_token_rate
-                      "--gold-spec", data / "gold.json"],  # gold and proxy rewards of the samples
-        judge_flags=["--judge", "gold", "--task", "tiny", "--gold-spec", data / "gold.json"],
-        summary=["python", "scripts/tiny_summary.py", out], env={"OMP_NUM_THREADS": "1"}, judge_slot="main", slots={},
-        params={m: tiny_params(data / d) for m, d in cfg["models"].items()},
-        plan={k: cfg[k] for k in PLAN}, tokens=cfg["tokens"])
+def paper(cfg):
+    return cfg["preset"] == "paper"
 
 
-def paper(args):
-    cfg, out, data = PAPER, args.out, args.out / "data"
-    unknown = [s for s in args.sizes if s not in PYTHIA]
-    if unknown:
-        raise ValueError(f"--sizes: {', '.join(unknown)} not a Pythia model ({', '.join(PYTHIA)})")
-
-    def nproc(model):
-        return args.nproc or cfg["nproc"].get(model, 8)
-
-    def train_flags(model):
-        micro = cfg["batch_size"] // (cfg["grad_accum"] * nproc(model))  # else sft.py's default micro-batch
-        fits = micro and cfg["batch_size"] % (micro * nproc(model)) == 0
-        return (["--data", data] + (["--micro-batch-size", micro] if fits else [])
-                + (["--fsdp"] if model in cfg["fsdp"] else []))
-    return SimpleNamespace(
-        out=out, data=data, prepare=["python", "data/tldr/prepare.py", "--out-dir", data],
-        models={m: f"EleutherAI/{m}" for m in args.sizes},
-        launch=lambda model: ["torchrun", "--standalone", "--nproc_per_node", nproc(model)], nproc=nproc,
-        sft_flags=train_flags,
-        daa_flags=lambda model: train_flags(model) + ["--eval-examples", cfg["eval_examples"]],
-        runs=runs(args.sizes, cfg["betas"], []),
-        sample_flags=["--num-prompts", cfg["eval_prompts"], "--train-data", data],  # torchrun takes --n as its own
-        judge_flags=[], summary=None, env={}, judge_slot="api", slots={"api": 2},  # judging beside the GPU jobs
-        params={m: n_params(PYTHIA[m].to_dict()) for m in args.sizes},
-        plan={k: cfg[k] for k in PLAN}, tokens=cfg["tokens"])
+def launch(cfg, size):
+    return ["torchrun", "--standalone", "--nproc_per_node", cfg["nproc"][size]] if paper(cfg) else ["python"]
 
 
-def runs(models, betas, arms):
-    """(model, run name, daa.py flags) of every DAA run: each loss at its β grid at every size, then the arms."""
-    out = []
-    for model in models:
-        for loss, grid in betas.items():
-            out += [(model, f"{loss}-{b:g}", ["--loss", loss, "--beta", f"{b:g}"]) for b in grid]
-        for arm in arms:
-            if model in arm["models"] and arm["loss"] in betas:
-                out += [(model, f"{arm['loss']}-{b:g}-{arm['suffix']}", ["--loss", arm["loss"], "--beta", f"{b:g}",
-                                                                       *arm["flags"]]) for b in betas[arm["loss"]]]
-    return out
+def prepare_cmd(cfg, data, seed):
+    if paper(cfg):
+        return ["python", "data/tldr/prepare.py", "--out-dir", data]
+    return ["python", "data/tiny/prepare.py", "--out-dir", data, "--seed", seed, "--sft-examples", cfg["sft_examples"],
+            "--pref-examples", cfg["pref_examples"], "--eval-prompts", cfg["eval_prompts"], *cfg["prepare_flags"]]
 
 
-def tiny_params(model_dir):
-    """Parameters of a miniature model, from the config.json prepare.py wrote; NaN before it ran."""
-    path = Path(model_dir) / "config.json"
-    return n_params(json.loads(path.read_text())) if path.is_file() else math.nan
+def train_flags(cfg, size, stage, lr):
+    """sft.py / daa.py / rm.py flags after --data. The miniature spells out its optimizer (rm.py trains as SFT
+    does); the paper's are the scripts' defaults (App. B), so it passes only the micro-batch and FSDP."""
+    if paper(cfg):
+        n, batch = cfg["nproc"][size], cfg["batch_size"]
+        micro = batch // (cfg["grad_accum"] * n)  # App. B's 8 accumulation steps; else sft.py's default micro-batch
+        return ((["--micro-batch-size", micro] if micro and batch % (micro * n) == 0 else []) +
+                (["--fsdp"] if size in cfg["fsdp"] else []) + ["--eval-examples", cfg["eval_examples"]])
+    optimizer, warmup, checkpoints = ((cfg["optimizer"], cfg["warmup"], cfg["checkpoints"]) if stage == "daa"
+                                      else (cfg["sft_optimizer"], cfg["sft_warmup"], 1))
+    return ["--batch-size", cfg["batch_size"], "--micro-batch-size", cfg["batch_size"], "--log-interval", 100,
+            "--optimizer", optimizer, "--lr", lr, "--warmup", warmup, "--checkpoints", checkpoints,
+            "--eval-examples", cfg["eval_examples"]]
+
+
+def sample_cmd(cfg, size, data, ckpts, ref, extra=()):
+    """sample.py: KL to the reference, the OOD token rate (--train-data) and, in the miniature, each sample's
+    gold and proxy reward. torchrun would take --n as its own flag: the paper passes --num-prompts."""
+    n = ["--num-prompts", cfg["eval_prompts"]] if paper(cfg) else ["--n", cfg["eval_prompts"], *cfg["sample_flags"]]
+    return [*launch(cfg, size), "sample.py", "--ckpt", *ckpts, "--ref", ref / "latest", "--prompts",
+            data / "eval_prompts.jsonl", *n, "--train-data", data,
+            *([] if paper(cfg) else ["--gold-spec", data / "gold.json"]), *extra]
+
+
+def judge_cmd(cfg, data, samples):  # the paper: judge.py's API judge and its default model
+    return ["python", "judge.py", samples,
+            *([] if paper(cfg) else ["--judge", "gold", "--task", "tiny", "--gold-spec", data / "gold.json"])]
+
+
+# ---------------------------------------------------------------- the plan
+
+class Step(NamedTuple):
+    kind: str     # prepare, sft, pick, daa, rm, bon, sample, judge, fit, summary
+    size: str     # the model size it trains or samples, or None
+    cmd: list     # argv; "python" first runs with this interpreter
+    out: tuple    # the outputs it writes
+    needs: tuple  # the outputs of other steps it reads
+    log: Path     # its output is appended here (None: on the console)
+
+
+def log(path):
+    return Path(f"{path}.log")
+
+
+def ckpt_names(cfg, split, n, checkpoints):
+    """The ckpt-<examples> names a run writes (training.make_plan's spacing) over a split's rows: the prepared
+    file's, or before prepare has run, the preset's count n."""
+    n = sum(1 for line in split.open() if line.strip()) if split.is_file() else n
+    B = cfg["batch_size"]
+    plan = training.make_plan(SimpleNamespace(batch_size=B, micro_batch_size=B, epochs=1, checkpoints=checkpoints,
+                                              seed=0), SimpleNamespace(world=1, rank=0), n)
+    return [f"ckpt-{step * B}" for step in plan.checkpoint_steps]
+
+
+def evaluate(cfg, size, data, run, ref, ckpts, extra=(), tag=""):
+    """Sample a run's checkpoints (those without a summary yet) in one sample.py, then judge each one."""
+    summaries = {c: run / f"samples-{c}{tag}.summary.json" for c in ckpts}
+    todo = [run / c for c, summary in summaries.items() if not summary.is_file()]
+    steps = [Step("sample", size, sample_cmd(cfg, size, data, todo, ref, extra), tuple(summaries.values()), (run,),
+                  log(run))]
+    for c, summary in summaries.items():
+        steps.append(Step("judge", None, judge_cmd(cfg, data, run / f"samples-{c}{tag}.jsonl"),
+                          (run / f"judgments-{c}{tag}.summary.json",), (summary,), log(run)))
+    return steps
+
+
+def daa_runs(cfg, size, data):
+    """(run name, loss, β, more daa.py flags) of every DAA run at a size: each loss on its own β grid (a loss
+    without one gets DPO's); at the main size the arms on their loss's grid and --frontier's online DPO."""
+    grid = {loss: cfg["betas"].get(loss, cfg["betas"]["dpo"]) for loss in cfg["losses"]}
+    runs = [(f"{loss}-{b:g}", loss, b, []) for loss in cfg["losses"] for b in grid[loss]]
+    if size == cfg["main"]:
+        runs += [(f"{a['loss']}-{b:g}-{a['suffix']}", a["loss"], b, a["flags"])
+                 for a in cfg["arms"] if a["loss"] in grid for b in grid[a["loss"]]]
+    if size == cfg["main"] and "frontier" in cfg["modes"]:
+        k = cfg["online"]
+        runs += [(f"dpo-{b:g}-online{k}", "dpo", b, ["--online", k, "--gold-spec", data / "gold.json",
+                                                    "--online-max-new-tokens", cfg["sample_flags"][1]])
+                 for b in grid.get("dpo", [])]  # the online pairs with the eval samples' length cap
+    return runs
+
+
+def home_steps(cfg, home, size, seed, data):
+    """One size at one seed: its SFT reference (under --scaling the best of an lr grid by held-out NLL), the
+    DAA runs on it, and at the main size under --frontier the reward model, best-of-n and the in-support
+    re-sampling of every plain DPO run. Each trained policy is followed by its sampling and judging."""
+    sft, scaling = home / "sft", "scaling" in cfg["modes"]
+    model = f"EleutherAI/{size}" if paper(cfg) else data / "models" / size
+    lrs = cfg["sft_lrs"][size] if scaling else [cfg.get("sft_lr")]
+    tries = [home / f"sft-lr{lr:g}" for lr in lrs] if scaling else [sft]
+    steps = [Step("sft", size, [*launch(cfg, size), "sft.py", "--model", model, "--out", run, "--seed", seed,
+                                "--data", data, *train_flags(cfg, size, "sft", lr)], (run,), (data,), log(run))
+             for run, lr in zip(tries, lrs)]
+    if scaling:
+        steps.append(Step("pick", size, ["python", "scripts/study.py", "pick-sft", sft, *tries],
+                          (sft, home / "sft-choice.json"), tuple(tries), log(sft)))
+    steps += evaluate(cfg, size, data, sft, sft, ckpt_names(cfg, data / "sft_train.jsonl", cfg["sft_examples"], 1))
+    ckpts = ckpt_names(cfg, data / "pref_train.jsonl", cfg["pref_examples"], cfg["checkpoints"])
+    runs = daa_runs(cfg, size, data)
+    for name, loss, beta, flags in runs:
+        steps.append(Step("daa", size, [*launch(cfg, size), "daa.py", "--init", sft, "--out", home / name, "--seed",
+                                        seed, "--loss", loss, "--beta", f"{beta:g}", *flags, "--data", data,
+                                        *train_flags(cfg, size, "daa", cfg.get("lr", {}).get(size))],
+                          (home / name,), (sft, data), log(home / name)))
+        steps += evaluate(cfg, size, data, home / name, sft, ckpts)
+    if "frontier" not in cfg["modes"] or size != cfg["main"]:
+        return steps
+    rm, bon = home / "rm", home / "bon"
+    steps.append(Step("rm", size, ["python", "rm.py", "--init", sft, "--data", data, "--out", rm, "--seed", seed,
+                                   *train_flags(cfg, size, "rm", cfg["rm_lr"]), "--gold-spec", data / "gold.json"],
+                      (rm,), (sft, data), log(rm)))  # --gold-spec: the labeller's own accuracy, the ceiling
+    steps.append(Step("bon", size, ["python", "bon.py", "--policy", sft, "--rm", rm, "--prompts", data /
+                                    "eval_prompts.jsonl", "--n-samples", cfg["bon_samples"], "--train-data", data,
+                                    "--gold-spec", data / "gold.json", "--out", bon, "--seed", seed,
+                                    *cfg["sample_flags"][:2]],
+                      (bon / "bon.jsonl",), (sft, rm, data), log(bon)))
+    for name, loss, beta, flags in runs:
+        if loss == "dpo" and not flags:
+            steps += evaluate(cfg, size, data, home / name, sft, ckpts, ["--in-support"], "+in_support")
+    return steps
+
+
+def plan(cfg, out, seeds):
+    """Every step of the study, in order: per seed its data and, per size, home_steps; then fit over every
+    sampled run and best-of-n result, and the miniature's summary."""
+    steps = []
+    for seed in seeds:
+        data = out / "data" if cfg["same_data"] else out / "data" / f"s{seed}"
+        if seed == 0 or not cfg["same_data"]:
+            steps.append(Step("prepare", None, prepare_cmd(cfg, data, seed), (data,), (), log(data)))
+        for size in cfg["sizes"]:
+            steps += home_steps(cfg, out / size / f"s{seed}", size, seed, data)
+    runs = dict.fromkeys(s.needs[0] for s in steps if s.kind == "sample")
+    results = [s.out[0] for s in steps if s.kind == "bon"]
+    evals = tuple(s.out[0] for s in steps if s.kind in ("judge", "bon"))
+    steps.append(Step("fit", None, ["python", "fit.py", *runs, *results, "--out", out / "fit"], (out / "fit",), evals,
+                      log(out / "fit")))
+    if not paper(cfg):
+        steps.append(Step("summary", None, ["python", "scripts/tiny_summary.py", out], (out / "summary.json",),
+                          (out / "fit",), None))
+    return steps
 
 
 # ---------------------------------------------------------------- what is done, on disk
 
-def state(run):
-    path = Path(run) / "latest" / "trainer_state.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_json(path):
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
 
 
-def checkpoints(run):
-    return sorted((p for p in Path(run).glob("ckpt-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+def done(s):
+    """Why a step's outputs are all finished on disk (module docstring), or None."""
+    if s.kind in ("sft", "daa", "rm"):
+        state = read_json(s.out[0] / "latest" / "trainer_state.json")
+        if state and state["step"] == state["total_steps"]:
+            return f"finished, step {state['step']}/{state['total_steps']}"
+        return None
+    if s.kind == "judge":  # judge.py writes its summary once every sample has a judgment
+        n = read_json(s.out[0]).get("n")
+        return "every sample judged" if n is not None and n == read_json(s.needs[0]).get("n") else None
+    return "exists" if s.kind not in ("fit", "summary") and all(o.exists() for o in s.out) else None
 
 
-def planned_checkpoints(S, n_examples, n_checkpoints):
-    """The ckpt-<examples> names a run will write (training.make_plan's spacing), for --dry-run."""
-    plan = training.make_plan(SimpleNamespace(batch_size=S.plan["batch_size"], micro_batch_size=S.plan["batch_size"],
-                                              epochs=1, checkpoints=n_checkpoints, seed=0),
-                              SimpleNamespace(world=1, rank=0), n_examples)
-    return [f"ckpt-{step * plan.batch_size}" for step in plan.checkpoint_steps]
+def check_out(out, steps, dry_run):
+    """Refuse an OUT whose data came from other data flags (OUT/study.json: each DATA's prepare command,
+    written before prepare runs) or that was made with --scaling where this study has none, or the reverse."""
+    made = read_json(out / "study.json").get("prepare", {})
+    if isinstance(made, list):  # one prepare command, OUT/data
+        raise ValueError(f"{out} was made before each seed had its own data (OUT/data/s<seed>): use a new OUT")
+    want = {str(s.out[0]): [str(a) for a in s.cmd] for s in steps if s.kind == "prepare"}
+    for data, cmd in want.items():
+        clash = [d for d in made if d.startswith(data + "/") or data.startswith(d + "/")]  # OUT/data vs OUT/data/s0
+        if clash:
+            raise ValueError(f"{out} has its data in {clash[0]}, not {data} (another --same-data): use a new OUT")
+        if Path(data).exists() and made.get(data) != cmd:
+            by = f"`{shlex.join(made[data])}`" if data in made else "an unknown command (not in study.json)"
+            raise ValueError(f"{data} was prepared by {by}, not `{shlex.join(cmd)}` (other --quick/--labeller/"
+                             "--variant/data flags): use a new OUT")
+    for s in steps:
+        if (s.kind == "pick" and s.out[0].is_dir() and not s.out[0].is_symlink()) or \
+                (s.kind == "sft" and s.out[0].is_symlink()):
+            raise ValueError(f"{s.out[0]} was made {'with' if s.kind == 'sft' else 'without'} --scaling: use a new OUT")
+    if not dry_run and want.keys() - made.keys():
+        files.write_json(out / "study.json", {"prepare": {**made, **want}})
 
 
-def samples_done(run, ckpt):
-    return (Path(run) / f"samples-{ckpt}.summary.json").is_file()
-
-
-def judged(run, ckpt):
-    """judge.py writes its summary once every sample has a judgment."""
-    path = Path(run) / f"judgments-{ckpt}.summary.json"
-    if not (path.is_file() and samples_done(run, ckpt)):
-        return False
-    n = json.loads((Path(run) / f"samples-{ckpt}.summary.json").read_text()).get("n")
-    return json.loads(path.read_text()).get("n") == n
-
-
-# ---------------------------------------------------------------- the stages, as jobs
-
-def step(label, argv=None, log=None, cost=None):
-    """One line of the study: a command to run (argv), or a skip (argv None)."""
-    return SimpleNamespace(label=label, argv=[str(a) for a in argv] if argv else None, log=log, cost=cost or {})
-
-
-def job(name, stage, deps, steps, slot="main"):
-    return SimpleNamespace(name=name, stage=stage, deps=deps, steps=steps, slot=slot)
-
-
-def build(S, seeds):
-    """Every job of the study, in stage order; `steps(dry)` yields its steps when the job starts,
-    so that what is already done is decided then (dry: checkpoint names from the plan, not disk)."""
-    P = S.plan
-    jobs = [job("prepare", "prepare", [], lambda dry: iter([
-        step(f"prepare {S.data}: exists") if S.data.is_dir() else step("prepare", S.prepare, S.out / "prepare.log")]))]
-    evals = []
-    for model in S.models:
-        for seed in seeds:
-            home = S.out / model / f"s{seed}"
-            sft = home / "sft"
-            jobs.append(train_job(f"sft {sft}", "sft", ["prepare"], sft, S.launch(model) + [
-                "sft.py", "--model", S.models[model], "--out", sft, "--seed", seed, *S.sft_flags(model)], sft_cost(S, model)))
-            evals.append((model, sft, sft, planned_checkpoints(S, P["sft_examples"], 1)))
-            for m, name, flags in S.runs:
-                if m != model:
-                    continue
-                run = home / name
-                jobs.append(train_job(f"daa {run}", "daa", [f"sft {sft}"], run, S.launch(model) + [
-                    "daa.py", "--init", sft, "--out", run, "--seed", seed, *flags, *S.daa_flags(model)], daa_cost(S, model)))
-                evals.append((model, run, sft, planned_checkpoints(S, P["pref_examples"], P["checkpoints"])))
-    for model, run, sft, planned in evals:
-        trained = f"sft {run}" if run == sft else f"daa {run}"
-        jobs.append(job(f"sample {run}", "sample", [trained], sample_steps(S, model, run, sft, planned)))
-    for model, run, sft, planned in evals:
-        jobs.append(job(f"judge {run}", "judge", [f"sample {run}"], judge_steps(S, run, planned), S.judge_slot))
-    fit = ["python", "fit.py", *[run for _, run, _, _ in evals], "--out", S.out / "fit"]
-    jobs.append(job("fit", "fit", [j.name for j in jobs if j.stage == "judge"],
-                    lambda dry: iter([step("fit", fit, S.out / "fit.log")])))
-    if S.summary:
-        jobs.append(job("summary", "summary", ["fit"], lambda dry: iter([step("summary", S.summary)])))
-    return jobs
-
-
-def train_job(name, stage, deps, run, argv, cost):
-    def steps(dry):
-        s = state(run)
-        if s and s["step"] == s["total_steps"]:
-            yield step(f"{name}: finished, step {s['step']}/{s['total_steps']}")
-        else:
-            yield step(name, argv, f"{run}.log", cost)
-    return job(name, stage, deps, steps)
-
-
-def sample_steps(S, model, run, sft, planned):
-    def steps(dry):
-        names = planned if dry else [c.name for c in checkpoints(run)]
-        todo = [c for c in names if not samples_done(run, c)]
-        if not todo:
-            yield step(f"sample {run}: every checkpoint has its samples-<ckpt>.summary.json")
-            return
-        yield step(f"sample {run}", S.launch(model) + ["sample.py", "--ckpt", *[run / c for c in todo],
-                   "--ref", sft / "latest", "--prompts", S.data / "eval_prompts.jsonl", *S.sample_flags],
-                   f"{run}.log", sample_cost(S, model, len(todo)))
-    return steps
-
-
-def judge_steps(S, run, planned):
-    def steps(dry):
-        for c in (planned if dry else [p.name for p in checkpoints(run) if samples_done(run, p.name)]):
-            if judged(run, c):
-                yield step(f"judge {run}/samples-{c}.jsonl: judged")
-            else:
-                yield step(f"judge {run}/{c}", ["python", "judge.py", run / f"samples-{c}.jsonl", *S.judge_flags],
-                           f"{run}.log", {"judgments": S.plan["eval_prompts"]})
-    return steps
+def pick_sft(link, runs):
+    """The --scaling pick step: point `link` (HOME/sft) at the run of least held-out NLL per token (sft.py's
+    latest/eval.json, on sft_valid), so that sizes are compared each at its best SFT lr (issue 21.7), and
+    write HOME/sft-choice.json: {"chosen": run name, "runs": {run name: {"lr", "nll_per_token"}}}."""
+    link, choice = Path(link), {}
+    for run in map(Path, runs):
+        ev = read_json(run / "latest" / "eval.json")
+        if "eval/nll_per_token" not in ev:
+            raise ValueError(f"{run}/latest/eval.json has no eval/nll_per_token (sft.py --eval-examples 0?)")
+        choice[run.name] = {"lr": read_json(run / "args.json")["lr"], "nll_per_token": ev["eval/nll_per_token"]}
+    best = min(choice, key=lambda r: math.inf if choice[r]["nll_per_token"] is None else choice[r]["nll_per_token"])
+    if choice[best]["nll_per_token"] is None:  # files.write_json writes a NaN as null: a run that diverged
+        raise ValueError(f"no finite held-out NLL in {', '.join(runs)}")
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(best, tmp)  # relative: the runs sit beside the link
+    os.replace(tmp, link)  # atomic (a run directory in its place: check_out refuses before)
+    files.write_json(link.with_name(f"{link.name}-choice.json"), {"chosen": best, "runs": choice})
+    nll = ", ".join(f"{r} {c['nll_per_token']}" for r, c in choice.items())
+    print(f"{link} -> {best}; held-out NLL per token: {nll}")
 
 
 # ---------------------------------------------------------------- running
 
-def show(s):
-    """The printed line: the command, shell-quoted, with its log redirection; or the skip."""
-    if s.argv is None:
-        return f"# skip {s.label}"
-    return shlex.join(s.argv) + (f" >> {shlex.quote(str(s.log))} 2>&1" if s.log else "")
-
-
-def dry_run(jobs, S):
-    total, hours = {}, {}  # FLOPs and judgments; GPU-hours per model
-    for j in jobs:
-        for s in j.steps(True):
-            print(show(s))
-            for k, v in s.cost.items():
-                if k != "model":
-                    total[k] = total.get(k, 0) + v
-            if "model" in s.cost:
-                hours[s.cost["model"]] = hours.get(s.cost["model"], 0) + gpu_hours(s.cost)
-    for line in estimate(total, hours, S):
-        print(line)
+def show(s, why=None):
+    """The printed line: the skip, or the command, shell-quoted, with its log redirection."""
+    if why:
+        return f"# skip {s.kind} {s.out[0]}: {why}"
+    return shlex.join(map(str, s.cmd)) + (f" >> {shlex.quote(str(s.log))} 2>&1" if s.log else "")
 
 
 def start(s, env):
     """Popen one step, its output appended to its log (or on the console: the summary's table)."""
     print(show(s), flush=True)
-    argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(s.argv)]
     log = None
     if s.log:
-        Path(s.log).parent.mkdir(parents=True, exist_ok=True)
+        s.log.parent.mkdir(parents=True, exist_ok=True)
         log = open(s.log, "a")
-        log.write(f"\n$ {shlex.join(s.argv)}\n")
-        log.flush()
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT if log
-                            else None)
-    return SimpleNamespace(proc=proc, step=s, log=log)
+        print(f"\n$ {shlex.join(map(str, s.cmd))}", file=log, flush=True)
+    argv = [sys.executable if i == 0 and a == "python" else str(a) for i, a in enumerate(s.cmd)]
+    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log,
+                            stderr=subprocess.STDOUT if log else None), s, log
 
 
-def advance(it, S):
-    """Print the job's skips up to its next command and start that; None when the job has no more."""
-    for s in it:
-        if s.argv is None:
-            print(show(s), flush=True)
-        else:
-            return start(s, S.env)
-    return None
+def lane(cfg, s):  # the paper's judging waits on an API, not the GPUs: a lane of its own
+    return "judge" if s.kind == "judge" and "judge_jobs" in cfg else "main"
 
 
-def tail(path, n=8):
-    lines = Path(path).read_text(errors="replace").splitlines()[-n:]
-    return "\n".join("    " + line for line in lines)
-
-
-def execute(jobs, S, n_jobs):
-    """Run the jobs, each once its dependencies are done, at most n_jobs at a time ("api" jobs, judging,
-    in their own slots). Downstream stages go first, so a finished run is evaluated while others train.
-    A failure stops new jobs from starting; the running ones finish (they resume on the next call)."""
-    limits = {"main": n_jobs, **S.slots}
-    pending, running, done, failed = list(jobs), {}, set(), []
+def execute(steps, cfg, jobs):
+    """Run the steps, each once no unfinished step makes what it needs, the first ready in list order, at most
+    `jobs` at a time. After a failure start nothing new, let the running finish (they resume on the next
+    call), and return the failed steps."""
+    todo, running, failed = list(steps), [], []
+    limit = {"main": jobs, "judge": cfg.get("judge_jobs")}
     try:
-        while pending or running:
-            while not failed:
-                ready = [j for j in pending if set(j.deps) <= done and
-                         sum(r.job.slot == j.slot for r in running.values()) < limits[j.slot]]
-                if not ready:
-                    break
-                j = max(ready, key=lambda j: STAGES.index(j.stage))
-                pending.remove(j)
-                it = j.steps(False)
-                r = advance(it, S)
-                if r is None:
-                    done.add(j.name)
-                else:
-                    running[j.name] = SimpleNamespace(job=j, it=it, cur=r)
+        while todo or running:
+            making = {o for s in todo + [r[1] for r in running] for o in s.out}
+            for s in [] if failed else list(todo):
+                if sum(lane(cfg, r[1]) == lane(cfg, s) for r in running) < limit[lane(cfg, s)] and \
+                        making.isdisjoint(s.needs):
+                    todo.remove(s)
+                    running.append(start(s, cfg["env"]))
             if not running:
                 break
             time.sleep(0.2)
-            for name, r in list(running.items()):
-                rc = r.cur.proc.poll()
-                if rc is None:
-                    continue
-                if r.cur.log:
-                    r.cur.log.close()
-                if rc:
-                    failed.append(r.cur.step)
-                    print(f"failed (exit {rc}): {r.cur.step.label}" +
-                          (f"; the end of {r.cur.step.log}:\n{tail(r.cur.step.log)}" if r.cur.step.log else ""),
+            for proc, s, log in [r for r in running if r[0].poll() is not None]:
+                running.remove((proc, s, log))
+                if log:
+                    log.close()
+                if proc.returncode:
+                    failed.append(s)
+                    end = s.log.read_text(errors="replace").splitlines()[-8:] if s.log else []
+                    print(f"failed (exit {proc.returncode}): {show(s)}" + "".join(f"\n    {line}" for line in end),
                           flush=True)
-                    del running[name]
-                    continue
-                nxt = advance(r.it, S)
-                if nxt is None:
-                    done.add(name)
-                    del running[name]
-                else:
-                    r.cur = nxt
     except KeyboardInterrupt:
-        for r in running.values():
-            r.cur.proc.terminate()
-            r.cur.proc.wait()
+        for proc, _, _ in running:
+            proc.terminate()
+            proc.wait()
         raise
     return failed
 
 
-# ---------------------------------------------------------------- the --dry-run estimate
-
-def sft_cost(S, model):
-    """FLOPs of one SFT epoch: forward and backward, 6 per parameter and token."""
-    T = S.tokens
-    return {"model": model, "train": 6 * S.params[model] * S.plan["sft_examples"] * (T["prompt"] + T["response"])}
-
-
-def daa_cost(S, model):
-    """The policy's forward and backward on each pair, π_ref's forward on it, and the forwards of π and π_ref
-    on the held-out pairs at every checkpoint (2 per parameter and token). A pair is one prefix-shared row,
-    prompt + chosen + rejected (daa.py's default)."""
-    P, n, row = S.plan, S.params[model], S.tokens["prompt"] + 2 * S.tokens["response"]
-    forwards = P["pref_examples"] + 2 * P["eval_examples"] * P["checkpoints"]
-    return {"model": model, "train": 6 * n * P["pref_examples"] * row + 2 * n * forwards * row}
-
-
-def sample_cost(S, model, n_checkpoints):
-    """Generation, then the policy's and the reference's log-probs: three forwards over prompt + sample."""
-    T = S.tokens
-    tokens = n_checkpoints * S.plan["eval_prompts"] * (T["prompt"] + T["sample"])
-    return {"model": model, "sample": 3 * 2 * S.params[model] * tokens}
-
-
-def gpu_hours(flops):
-    return sum(flops.get(k, 0) / (GPU["peak"] * MFU[k]) for k in MFU) / 3600
-
-
-def estimate(total, by_model, S):
-    """Comment lines: GPU-hours and judge cost of the commands printed above, with the assumptions."""
-    T, hours = S.tokens, gpu_hours(total)
-    n_judge = total.get("judgments", 0)
-    cost = n_judge * (T["judge_in"] * JUDGE_PRICE["in"] + T["judge_out"] * JUDGE_PRICE["out"])
-    flops = "FLOPs unknown until OUT/data holds the model configs" if math.isnan(hours) else \
-        f"{total.get('train', 0):.2e} training + {total.get('sample', 0):.2e} sampling FLOPs ≈ {hours:,.1f} GPU-hours"
-    per_model = ", ".join(f"{m} {h:,.1f} GPU-hours ({h / S.nproc(m):,.1f} h on {S.nproc(m)} GPUs)"
-                          for m, h in by_model.items() if not math.isnan(h))
-    return [f"# estimate per model: {per_model or 'n/a'}",
-            f"# estimate (arithmetic, not a measurement) of the commands above: {flops}; "
-            f"judge: {n_judge:,} judgments ≈ ${cost:,.0f}",
-            f"# assumed: training 6·N FLOPs per token (forward + backward), reference, evaluation and sampling "
-            f"forwards 2·N (sampling: generation, then policy and reference scoring); {T['prompt']} prompt, "
-            f"{T['response']} response and {T['sample']} sample tokens per example; a pair as one prefix-shared "
-            f"row; {GPU['name']} {GPU['peak'] / 1e12:.0f} TFLOP/s at {MFU['train']:.0%} MFU for training, "
-            f"{MFU['sample']:.0%} for sampling; judge {T['judge_in']} input + {T['judge_out']} output tokens at "
-            f"{JUDGE_PRICE['model']}'s ${JUDGE_PRICE['in'] * 1e6:g} / ${JUDGE_PRICE['out'] * 1e6:g} per 1M tokens"]
-
-
 # ---------------------------------------------------------------- main
-
-def check_prepared(S, dry_run):
-    """OUT/study.json records the prepare command, written before prepare runs: a re-run whose data
-    flags differ from those of the data on disk refuses instead of mixing them."""
-    path, new = S.out / "study.json", [str(a) for a in S.prepare]
-    if S.data.is_dir():
-        old = json.loads(path.read_text())["prepare"] if path.is_file() else None
-        if old != new:
-            made = f"`{shlex.join(old)}`" if old else "an unknown command (no study.json)"
-            raise ValueError(f"{S.data} was prepared by {made}, not `{shlex.join(new)}` "
-                             "(other --quick/--labeller/data flags): use a new OUT")
-    elif not dry_run:
-        S.out.mkdir(parents=True, exist_ok=True)
-        files.write_json(path, {"prepare": new})
-
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("out", type=Path, help="the study's directory (created; re-running on it resumes)")
-    common.add_argument("--dry-run", action="store_true", help="print every command it would run and the "
-                        "estimated GPU-hours and judge cost; run nothing, write nothing")
-    common.add_argument("--seeds", type=int, default=1, help="run every SFT and DAA run on seeds 0 … N−1 "
-                        "(sft.py/daa.py --seed: data order and initialisation; default %(default)s)")
+    common.add_argument("--dry-run", action="store_true", help="print the commands and their estimated GPU-hours "
+                        "and judge cost; run nothing, write nothing")
+    common.add_argument("--seeds", type=int, default=1, help="seeds 0 … N−1 of every run (sft.py/daa.py --seed; "
+                        "and of the miniature's data) (default %(default)s)")
     sub = p.add_subparsers(dest="preset", required=True)
     t = sub.add_parser("tiny", parents=[common], help="the offline miniature (scripts/tiny_study.sh)")
-    t.add_argument("--quick", action="store_true", help="tiny data, one β per loss: plumbing in about half a minute")
-    t.add_argument("--scaling", action="store_true", help="three model sizes, plus the length-regularised and "
-                   "the RPO (--nll-alpha) DPO arms at the middle size")
-    t.add_argument("--labeller", default=None, help="data/tiny/prepare.py --labeller NAME")
-    t.add_argument("--no-byte-fallback", action="store_true", help="data/tiny/prepare.py --no-byte-fallback")
+    for flag, text in [("--quick", "tiny data, one β per loss, small best-of-n: plumbing in ~30 s per seed"),
+                       ("--scaling", "three sizes at their SFT lr of least held-out NLL; DPO's length and RPO arms"),
+                       ("--bench", "seven losses, and RPO at two small α and length-regularised DPO"),
+                       ("--frontier", "rm.py, best-of-n, online DPO, in-support re-sampling of the DPO runs"),
+                       ("--same-data", "one dataset for every seed: OUT/data (seed 0's)"),
+                       ("--no-byte-fallback", "data/tiny/prepare.py --no-byte-fallback")]:
+        t.add_argument(flag, action="store_true", help=text)
     t.add_argument("--losses", type=lambda s: s.split(","), default=None, help="comma-separated daa.py losses "
-                   "to run (default: dpo, ipo and slic); one with no β grid in TINY gets DPO's")
+                   "(default: dpo,ipo,slic), each on its β grid in TINY (without one: DPO's)")
+    t.add_argument("--variant", default=None, help="data/tiny/prepare.py --variant NAME")
+    t.add_argument("--labeller", default=None, help="data/tiny/prepare.py --labeller NAME")
     t.add_argument("--jobs", type=int, default=2, help="processes side by side, one thread each (default %(default)s)")
     g = sub.add_parser("paper", parents=[common], help="the paper on a GPU node (scripts/paper_study.sh)")
     g.add_argument("--sizes", type=lambda s: s.split(","), default=PAPER["sizes"],
                    help="comma-separated Pythia models (default: %(default)s, §3.1)")
-    g.add_argument("--nproc", type=int, default=None, help="GPUs per torchrun job (default: the paper's, "
-                   "2 for 1b, 4 for 2.8b and 6.9b, App. B)")
-    g.add_argument("--jobs", type=int, default=1, help="GPU jobs side by side (default %(default)s: each takes "
-                   "--nproc GPUs); judging runs beside them")
+    g.add_argument("--nproc", type=int, default=None, help="GPUs per torchrun job (default: App. B's 2, 4, 4; 8)")
+    g.add_argument("--jobs", type=int, default=1, help="GPU jobs side by side, each on --nproc GPUs; judging "
+                   "runs beside them (default %(default)s)")
+    k = sub.add_parser("pick-sft", help="(a --scaling step) link HOME/sft to the HOME/sft-lr<lr> of least NLL")
+    k.add_argument("link")
+    k.add_argument("runs", nargs="+")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.preset == "pick-sft":
+        return pick_sft(args.link, args.runs)
     if args.seeds < 1 or args.jobs < 1:
         raise ValueError("--seeds and --jobs must be at least 1")
     out = args.out.resolve()
-    args.out = Path(os.path.relpath(out, ROOT)) if out.is_relative_to(ROOT) else out  # commands run from ROOT
-    S = (tiny if args.preset == "tiny" else paper)(args)
-    check_prepared(S, args.dry_run)
-    jobs = build(S, range(args.seeds))
+    out = Path(os.path.relpath(out, ROOT)) if out.is_relative_to(ROOT) else out  # commands run from ROOT
+    cfg, seeds = settings(args), range(args.seeds)
+    steps = plan(cfg, out, seeds)
+    check_out(out, steps, args.dry_run)
+    for s in steps:
+        if args.dry_run or done(s):
+            print(show(s, done(s)), flush=True)
     if args.dry_run:
-        return dry_run(jobs, S)
-    t0 = time.time()
-    failed = execute(jobs, S, args.jobs)
+        return print("\n".join(estimate([s for s in steps if not done(s)], cfg, steps[0].out[0])))
+    t0 = time.time()  # the data first: the rest is planned again, its checkpoint names from the data's rows
+    failed = execute([s for s in steps if s.kind == "prepare" and not done(s)], cfg, args.jobs)
+    failed = failed or execute([s for s in plan(cfg, out, seeds) if s.kind != "prepare" and not done(s)], cfg,
+                               args.jobs)
     if failed:
-        raise RuntimeError(f"{len(failed)} stage(s) failed ({', '.join(s.label for s in failed)}); "
-                           "fix the cause and re-run the same command: finished stages are skipped")
-    print(f"done in {time.time() - t0:.0f} s: {S.out}/fit/" + (f", {S.out}/summary.json" if S.summary else ""))
+        raise RuntimeError(f"{len(failed)} step(s) failed ({', '.join(f'{s.kind} {s.out[0]}' for s in failed)}); "
+                           "fix the cause and re-run the same command: finished steps are skipped")
+    print(f"done in {time.time() - t0:.0f} s: {out}/fit/" + ("" if paper(cfg) else f", {out}/summary.json"))
 
 
 if __name__ == "__main__":

@@ -723,3 +723,113 @@ def test_flex_attention_block_mask_equals_sdpa_on_cpu(tok, inputs):
     with pytest.raises(ValueError, match="--attention flex needs --device cuda"):
         daa.main([*args, "--attention", "flex", "--out", str(tmp / "flex")])
     assert not (tmp / "flex").exists()
+
+
+# ---------------------------------------------------------------- --online (issue 23)
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from test_bon import tiny_task
+    return tiny_task(tmp_path_factory.mktemp("online"))
+
+
+def test_online_labels_follow_the_labellers_probabilities(tiny, tmp_path):
+    """Every pair of the policy's two samples is labelled by the labeller's Bradley–Terry draw: the
+    proxy-better sample is chosen with probability max(p, 1 − p), neither always (an argmax) nor half
+    the time (no labeller). Checked over 2048 pairs by a χ² over bins of that probability (and by the
+    stored p_chosen, recomputed); a second draw of the same round is the same file."""
+    from data.tiny import task
+    data, sft_run = tiny
+    spec = task.read_spec(data / "gold.json")
+    prompts = [r["prompt"] for r in files.read_jsonl(data / "sft_train.jsonl")]
+    pairs = [{"prompt": p, "chosen": "", "rejected": ""} for p in prompts * 4]
+    args = SimpleNamespace(gold_spec=str(data / "gold.json"), max_length=512, online_max_new_tokens=12,
+                           online_batch_size=512, seed=0)
+    env = SimpleNamespace(rank=0, world=1, main=True, device=torch.device("cpu"))
+    policy = training.load_model(sft_run, 0, "cpu")
+    daa.draw_round(args, env, load_tokenizer_of(sft_run), policy, pairs, list(range(len(pairs))), 1, tmp_path / "a.jsonl")
+    rows = files.read_jsonl(tmp_path / "a.jsonl")
+    assert [r["index"] for r in rows] == list(range(2048)) and all(r["prompt"] == pairs[r["index"]]["prompt"] for r in rows)
+    bins = {}
+    for r in rows:
+        p = task.preference_probability(r["prompt"], r["chosen"], r["rejected"], spec)
+        assert r["p_chosen"] == pytest.approx(p, abs=1e-12)
+        better = max(p, 1 - p)
+        if better > 0.5:  # identical samples or equal proxies carry no label to check
+            b = bins.setdefault(min(int((better - 0.5) * 10), 4), [0, 0, 0.0, 0.0])  # bins of width 0.1 over (½, 1]
+            b[0] += 1
+            b[1] += p > 0.5  # the better one was chosen
+            b[2] += better  # ... as often as expected,
+            b[3] += better * (1 - better)  # give or take
+
+    def chi2(chosen_better):
+        return sum((chosen_better(n, o) - e) ** 2 / v for n, o, e, v in bins.values())
+    assert sum(b[0] for b in bins.values()) > 1500 and len(bins) >= 4  # many labels, across the range of p
+    assert chi2(lambda n, o: o) < 20.5  # χ² with ≤ 5 degrees of freedom: 20.5 is its 0.999 quantile
+    assert chi2(lambda n, o: n) > 100 and chi2(lambda n, o: n / 2) > 100  # an argmax, a coin: far off
+    daa.draw_round(args, env, load_tokenizer_of(sft_run), policy, pairs, list(range(len(pairs))), 1, tmp_path / "b.jsonl")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def load_tokenizer_of(run):
+    from tokenizer import load_tokenizer
+    return load_tokenizer(training.model_dir(run))
+
+
+def test_online_run_trains_every_pair_once_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """--online 2: two rounds of 4 steps (256 pairs, batch 32), each on the policy's own samples, with the
+    offline run's pairs and steps; killed after its first checkpoint, the rerun draws round 2 again from
+    that checkpoint and ends with the same weights. fit.py reads its rows as arm dpo+online2."""
+    import fit
+    import judge
+    import sample
+    data, sft_run = tiny
+    args = ["--init", str(sft_run), "--data", str(data), "--batch-size", "32", "--micro-batch-size", "16",
+            "--lr", "1e-3", "--warmup", "1", "--checkpoints", "2", "--eval-examples", "16", "--log-interval", "100",
+            "--beta", "0.1", "--online", "2", "--gold-spec", str(data / "gold.json"), "--online-max-new-tokens", "12"]
+    daa.main([*args, "--out", str(tmp_path / "full")])
+    full = tmp_path / "full"
+    rounds = [files.read_jsonl(full / f"online-round{r}.jsonl") for r in (1, 2)]
+    assert [len(r) for r in rounds] == [128, 128]
+    assert sorted(x["index"] for r in rounds for x in r) == list(range(256))  # the offline epoch's pairs, each once
+    assert [json.loads((full / c / "online.json").read_text())["round"] for c in ("ckpt-128", "ckpt-256")] == [1, 2]
+    assert len([r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines()) if "loss" in r]) == 8
+
+    real, saved = training.save_checkpoint, []
+
+    def save_then_die(*a, **kw):
+        real(*a, **kw)
+        saved.append(1)
+        raise KeyboardInterrupt  # killed right after the first checkpoint, before round 2 is drawn
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        daa.main([*args, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    files.release(tmp_path / "killed")
+    assert not (tmp_path / "killed" / "online-round2.jsonl").exists()
+    daa.main([*args, "--out", str(tmp_path / "killed")])
+    for r in (1, 2):
+        assert (tmp_path / "killed" / f"online-round{r}.jsonl").read_bytes() == (full / f"online-round{r}.jsonl").read_bytes()
+    assert max_diff(weights(tmp_path / "killed"), weights(full)) <= 1e-6
+
+    sample.main(["--ckpt", str(full / "ckpt-128"), str(full / "ckpt-256"), "--ref", str(sft_run), "--prompts",
+                 str(data / "eval_prompts.jsonl"), "--n", "6", "--max-new-tokens", "12", "--gold-spec",
+                 str(data / "gold.json")])
+    for c in ("ckpt-128", "ckpt-256"):
+        judge.main([str(full / f"samples-{c}.jsonl"), "--judge", "gold", "--task", "tiny", "--gold-spec",
+                    str(data / "gold.json")])
+    rows = fit.read_run(full)
+    assert [(fit.arm(r), r["online"], r["online_round"], r["in_support"]) for r in rows] == \
+        [("dpo+online2", 2, 1, 0), ("dpo+online2", 2, 2, 0)]
+
+
+def test_online_flags_that_cannot_work_are_one_line(tiny, tmp_path):
+    data, sft_run = tiny
+    base = [sys.executable, str(ROOT / "daa.py"), "--init", str(sft_run), "--data", str(data), "--online", "2"]
+    for extra, message in ((["--out", str(tmp_path / "a")], "error: --online labels the policy's samples with the "
+                            "miniature's labeller: give --gold-spec"),
+                           (["--gold-spec", str(data / "gold.json"), "--precompute-ref", "--out", str(tmp_path / "b")],
+                            "error: --online draws new pairs every round, with each process's whole policy: it works "
+                            "without --precompute-ref and --fsdp")):
+        r = subprocess.run([*base, *extra], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 1 and r.stderr.strip() == message and not (tmp_path / "a").exists()

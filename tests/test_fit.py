@@ -423,3 +423,79 @@ def test_sizes_seeds_and_arms_from_run_directories(tmp_path):
         z = np.array([s["policy_logp"] - s["ref_logp"] for s in samples])
         assert r["length_r2_centred"] == pytest.approx(np.corrcoef(x, z)[0, 1] ** 2, rel=1e-9)
         assert r["length_r2"] == pytest.approx(1 - ((z - (x @ z / (x @ x)) * x) ** 2).sum() / (z @ z), rel=1e-9)
+
+
+# ---------------------------------------------------------------- the frontier (issue 23): bon.py, --online, --in-support
+
+def _bon_rows(alpha=0.3, beta=0.05, y0=0.4):
+    """bon.py's results: best-of-n on Gao et al.'s form y0 + d(α − βd), gold reward twice the gain."""
+    rows = []
+    for reward, a in (("proxy", alpha), ("rm", alpha / 2)):
+        for n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            kl = math.log(n) - (n - 1) / n
+            d = math.sqrt(kl)
+            rows.append({"model": "tiny-m", "loss": "bon", "reward": reward, "n": n, "beta": None, "fraction": None,
+                         "kl": kl, "win_rate": y0 + d * (a - beta * d), "win_rate_se": 0.01,
+                         "gold_reward": 0.1 + 2 * d * (a - beta * d), "samples": 256})
+        rows.append({"model": "tiny-m", "loss": "tilted", "reward": reward, "beta": 0.5, "fraction": None, "kl": 1.0,
+                     "win_rate": 0.6, "gold_reward": 0.3, "ess": 40.0})
+    return rows
+
+
+def test_frontier_rows_need_no_checkpoint_and_are_named_by_their_reward(tmp_path):
+    path = tmp_path / "bon.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _bon_rows()))
+    rows = fit.read_results(path)
+    assert {fit.arm(r) for r in rows} == {"bon-proxy", "bon-rm", "tilted-proxy", "tilted-rm"}
+    assert not any(fit.is_sft(r) for r in rows)  # best of 1 is π_ref, but it sets no DAA curve's y0
+    for bad, message in (({"n": None}, "a bon row needs its picking reward and its n"),
+                         ({"reward": None}, "a bon row needs its picking reward and its n")):
+        path.write_text(json.dumps({**_bon_rows()[3], **bad}) + "\n")
+        with pytest.raises(ValueError, match=f"bon.jsonl:1: {message}"):
+            fit.read_results(path)
+    path.write_text(json.dumps({**_bon_rows()[9], "beta": None}) + "\n")
+    with pytest.raises(ValueError, match="a tilted row needs its picking reward and its beta"):
+        fit.read_results(path)
+    dpo = {"model": "m", "loss": "dpo", "beta": 0.1, "fraction": 0.5, "win_rate": 0.5, "kl": 1.0}
+    assert fit.arm(fit.to_row({**dpo, "online": 4, "online_round": 2}, "x")) == "dpo+online4"
+    assert fit.arm(fit.to_row({**dpo, "in_support": True}, "x")) == "dpo+insupport"
+    assert fit.arm(fit.to_row({**dpo, "online": 4, "in_support": 1}, "x")) == "dpo+online4+insupport"
+
+
+def test_frontier_fits_gao_et_al_best_of_n_form_and_draws_fig6(tmp_path):
+    rng = np.random.default_rng(7)
+    sft = _write_run(tmp_path, "tiny-m", None, None, rng, 0.4)
+    runs = [_write_run(tmp_path, "tiny-m", "dpo", beta, rng, 0.4, summary={"gold_reward": 0.2}) for beta in (0.1, 0.5)]
+    online = _write_run(tmp_path, "tiny-m", "dpo", 0.1, rng, 0.4, name="online", args={"online": 4},
+                        summary={"gold_reward": 0.3})
+    for k, ckpt in enumerate(sorted(online.glob("ckpt-*"), key=lambda p: int(p.name[5:])), 1):
+        (ckpt / "online.json").write_text(json.dumps({"round": k, "rounds": 4}))
+    path = tmp_path / "bon.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _bon_rows()))
+    rows = fit.load([str(sft), *map(str, runs), str(online), str(path)])
+    assert sorted(r["online_round"] for r in rows if fit.arm(r) == "dpo+online4") == [1, 2, 3, 4]
+    fits, notes = fit.analyze(rows, tmp_path / "o", dpi=40)
+    f = fits["frontier"]["win_rate"]["bon-proxy"]["tiny-m"]
+    assert f["bon"] == pytest.approx([0.4, 0.3, 0.05], abs=1e-9) and f["rmse_bon"] < 1e-9  # exact on its own form
+    g = fits["frontier"]["gold_reward"]["bon-rm"]["tiny-m"]
+    assert g["bon"] == pytest.approx([0.1, 0.3, 0.1], abs=1e-9)
+    assert "tilted-rm" not in fits["frontier"]["win_rate"]  # one point: noted, not fitted
+    assert "dpo" in fits["scaling_law"]["all"] and "bon-proxy" not in fits["scaling_law"]["all"]
+    assert "fig6_frontier.png" in fits["figures"] and (tmp_path / "o" / "fig6_frontier.png").stat().st_size > 10_000
+    fits, notes = fit.analyze(fit.load([str(sft), *map(str, runs)]), tmp_path / "p", dpi=40)
+    assert "fig6_frontier.png" not in fits["figures"] and fits["frontier"] == {}
+
+
+def test_in_support_samples_are_their_checkpoints_twin_rows(tmp_path):
+    rng = np.random.default_rng(8)
+    run = _write_run(tmp_path, "tiny-m", "dpo", 0.1, rng, 0.4, steps=(512, 1024))
+    for tag in ("ckpt-512", "ckpt-1024"):  # sample.py --in-support and judge.py's default names
+        for kind in ("samples", "judgments"):
+            text = (run / f"{kind}-{tag}.jsonl").read_text()
+            (run / f"{kind}-{tag}+in_support.jsonl").write_text(text.replace('"win": 0.0', '"win": 1.0'))
+        (run / f"samples-{tag}+in_support.summary.json").write_text(json.dumps({"kl": 0.5, "in_support": True}))
+    rows = fit.read_run(run)
+    assert [(r["fraction"], r["in_support"], fit.arm(r)) for r in rows] == [
+        (0.5, 0, "dpo"), (0.5, 1, "dpo+insupport"), (1.0, 0, "dpo"), (1.0, 1, "dpo+insupport")]
+    assert [r["kl"] for r in rows if r["in_support"]] == [0.5, 0.5] and rows[1]["win_rate"] == 1.0
+    assert rows[0]["eval_accuracy"] == rows[1]["eval_accuracy"]  # the same checkpoint's eval.json

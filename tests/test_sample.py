@@ -326,3 +326,51 @@ def test_one_policy_at_a_time_and_float32_on_cpu(env, tmp_path, monkeypatch):
     sample.main(["--ckpt", *(str(tmp_path / "run" / f"ckpt-{n}") for n in "abc"), "--ref", str(env / "sft"),
                  "--prompts", str(env / "eval_prompts.jsonl"), "--n", "2", "--max-new-tokens", "3"])
     assert alive_at_load == [0, 1, 1, 1]  # the reference, then each policy with only the reference alive
+
+
+# ---------------------------------------------------------------- --in-support (issue 23)
+
+def test_in_support_never_emits_an_unseen_token_and_scores_the_renormalised_policy(env, tmp_path):
+    """The restricted distribution is the one sampled and the one scored: its log-prob of each sample is
+    the log-softmax over the allowed tokens' logits alone, computed here from one full forward."""
+    tok = load_tokenizer(env / "sft")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sft_train.jsonl").write_text(json.dumps({"prompt": "p", "response": " the cat sat on"}) + "\n")
+    (data / "pref_train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a dog", "rejected": " the"}) + "\n")
+    seen = sample.response_token_ids(data, tok)
+    plain, _ = run(env, tmp_path / "plain.jsonl", "--train-data", str(data))
+    assert sum(r["ood_tokens"] for r in plain) > 0  # unrestricted, this policy leaves the set: the check has teeth
+    rows, summary = run(env, tmp_path / "s.jsonl", "--train-data", str(data), "--in-support")
+    assert all(t in seen for r in rows for t in r["sample_tokens"]) and len(seen) == 7
+    assert summary["ood_token_rate"] == 0 and summary["in_support"] and summary["support_tokens"] == 7
+    assert summary["ckpt"] == str((env / "run/ckpt-100").resolve())  # pairs it with its plain twin
+    policy, ref = GPTNeoX.from_pretrained(env / "run/ckpt-100"), GPTNeoX.from_pretrained(env / "sft")
+    allowed = torch.tensor(sorted(seen))
+    for r in rows:
+        prompt = sample.encode_prompt(tok, dict(r), 512, 256)
+        ids = torch.tensor([prompt + r["sample_tokens"]])
+        with torch.no_grad():
+            logits = policy(ids)[0, len(prompt) - 1:-1]
+        restricted = logits[:, allowed].log_softmax(-1)
+        want = sum(restricted[t, sorted(seen).index(tok_id)].item() for t, tok_id in enumerate(r["sample_tokens"]))
+        assert r["policy_logp"] == pytest.approx(want, abs=1e-3)
+        assert r["ref_logp"] == pytest.approx(fresh_scores(ref, prompt, r["sample_tokens"])[0], abs=1e-3)  # π_ref as is
+    assert summary["kl"] == pytest.approx(sum(r["policy_logp"] - r["ref_logp"] for r in rows) / len(rows))
+
+
+def test_in_support_default_output_sits_beside_the_plain_samples(env, tmp_path):
+    shutil.copytree(env / "run" / "ckpt-100", tmp_path / "run" / "ckpt-100")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sft_train.jsonl").write_text(json.dumps({"prompt": "p", "response": " the cat"}) + "\n")
+    (data / "pref_train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a dog", "rejected": " the"}) + "\n")
+    args = ["--ckpt", str(tmp_path / "run" / "ckpt-100"), "--ref", str(env / "sft"), "--prompts",
+            str(env / "eval_prompts.jsonl"), "--n", "2", "--max-new-tokens", "3", "--train-data", str(data)]
+    sample.main(args)
+    sample.main([*args, "--in-support"])
+    assert sorted(p.name for p in (tmp_path / "run").glob("samples-*")) == [
+        "samples-ckpt-100+in_support.jsonl", "samples-ckpt-100+in_support.summary.json",
+        "samples-ckpt-100.jsonl", "samples-ckpt-100.summary.json"]
+    with pytest.raises(ValueError, match="--in-support samples from the tokens of the training responses"):
+        sample.main([*args[:-2], "--in-support"])

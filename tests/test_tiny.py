@@ -164,18 +164,3 @@ def test_the_generator_keeps_and_pads_with_the_probabilities_the_entropy_assumes
     expected = {c: e for c, e in expected.items() if e >= 5}  # χ² needs expected counts of 5 or more
     chi2 = sum((counts[c] - e) ** 2 / e for c, e in expected.items())
     assert sum(counts[c] for c in expected) > 0.99 * n and chi2 < {16: 37.70, 28: 55.48}[len(expected)]  # χ² 0.999 quantiles, cells − 1 df
-
-
-def test_summary_points_pool_seeds_and_combine_both_errors():
-    """tiny_summary's docstring: win_rate_se² = var over seeds / n + mean squared prompt SE."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import tiny_summary
-    row = lambda seed, win, se, kl: {"model": "tiny-m", "loss": "dpo", "beta": 0.1, "fraction": 1.0, "seed": seed,
-                                     "win_rate": win, "win_rate_se": se, "kl": kl, "length_alpha": 0.0}
-    runs = [row(0, 0.5, 0.02, 1.0), row(1, 0.6, 0.03, 3.0), row(2, 0.7, 0.02, 2.0),
-            dict(row(0, 0.4, 0.02, 5.0), length_alpha=0.5)]  # another series: not pooled with the others
-    plain, arm = sorted(tiny_summary.mean_points(runs), key=lambda p: p["series"])
-    assert (plain["series"], plain["n_seeds"], arm["series"], arm["n_seeds"]) == ("dpo", 3, "dpo+len0.5", 1)
-    assert plain["win_rate"] == pytest.approx(0.6) and plain["kl"] == pytest.approx(2.0) and plain["kl_sd"] == 1.0
-    assert plain["win_rate_se"] == pytest.approx(math.sqrt(0.01 / 3 + (0.02**2 + 0.03**2 + 0.02**2) / 3))
-    assert arm["win_rate_se"] == pytest.approx(0.02)  # one seed: the prompt SE alone
