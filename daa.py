@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 import files
 import logprobs
@@ -243,6 +244,9 @@ def get_parser():
                    "every pair, then the reference model is freed (saves its memory during training)")
     p.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false", help="score each pair as "
                    "two rows [prompt | chosen], [prompt | rejected] instead of one [prompt | chosen | rejected]")
+    p.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa", help="the kernel of prefix-shared rows: "
+                   "sdpa (F.scaled_dot_product_attention with the [pairs, T, T] mask) or flex (torch's flex_attention "
+                   "with a block mask, compiled; CUDA only; docs/training.md says when it pays) (default: %(default)s)")
     p.add_argument("--eval-examples", type=int, default=256, help="pairs of pref_eval.jsonl scored at every "
                    "checkpoint (loss, reward accuracy, margin, log-ratios; eval.json); 0 skips evaluation "
                    "(default: %(default)s, App. B: 256 held-out prompts for all evaluations)")
@@ -259,64 +263,84 @@ def get_parser():
     return p
 
 
-def pair_batch(tok, pairs, idx, split, max_length, device, shared=True):
-    """The pairs `idx` as one batch, with both responses sharing one truncated prompt (training.encode).
+def pair_batch(examples, idx, split, pad_id, device, prefix_sharing=True, attention="sdpa"):
+    """The pairs `idx` of training.tokenize's (prompt, chosen, rejected) as one batch on `device`.
 
-    shared (the default): one row per pair, [prompt | chosen | rejected] (pack_pairs), so the
-    prompt, on TL;DR ten times a summary's length, runs through the model once per pair.
-    Otherwise two rows per pair, [chosen_0..chosen_n, rejected_0..rejected_n], in one padded
-    batch (the DPO reference code's concatenated_forward). Both carry chosen_tokens and
-    rejected_tokens [n]: each response's scored tokens, EOS included.
+    prefix_sharing (the default): one row per pair, [prompt | chosen | rejected]
+    (prefix_sharing_batch), so the prompt, on TL;DR ten times a summary's length, runs through the
+    model once per pair; its mask is built on the device (prefix_sharing_mask, `attention` "sdpa"
+    or "flex"). Otherwise two rows per pair, [chosen_0..chosen_n, rejected_0..rejected_n], in one
+    right-padded batch (the DPO reference code's concatenated_forward). Both carry chosen_tokens
+    and rejected_tokens [n]: each response's scored tokens, EOS included.
     """
-    seqs = [training.encode(tok, pairs[i]["prompt"], [pairs[i]["chosen"], pairs[i]["rejected"]], max_length)
-            for i in idx]
-    n_tokens = torch.tensor([[sum(t != logprobs.IGNORE for t in labels) for _, labels in s] for s in seqs])
-    batch = pack_pairs(seqs, tok.eos_id) if shared else \
-        training.collate([s[0] for s in seqs] + [s[1] for s in seqs], tok.eos_id, "cpu")
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    return dict(batch, idx=idx, split=split, chosen_tokens=n_tokens[:, 0].to(device),
-                rejected_tokens=n_tokens[:, 1].to(device))
+    rows = [examples[i] for i in idx]
+    batch = prefix_sharing_batch(rows, pad_id) if prefix_sharing else \
+        training.collate([(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows], pad_id)
+    n_tokens = torch.tensor([[len(c), len(r)] for _, c, r in rows])
+    batch = training.to_device(dict(batch, chosen_tokens=n_tokens[:, 0], rejected_tokens=n_tokens[:, 1]), device)
+    if prefix_sharing:
+        batch["attention_mask"] = prefix_sharing_mask(batch.pop("segments"), attention)
+    return dict(batch, idx=idx, split=split)
 
 
-def pack_pairs(seqs, pad_id):
-    """Prefix-shared rows [prompt | chosen | rejected], right-padded, from training.encode's pairs.
+def pair_lengths(examples, prefix_sharing=True):
+    """Each pair's tokens as pair_batch lays it out (its row, or the longer of its two rows): what
+    training.micro_batch_indices groups micro-batches by."""
+    return [len(p) + len(c) + len(r) if prefix_sharing else len(p) + max(len(c), len(r)) for p, c, r in examples]
+
+
+def prefix_sharing_batch(rows, pad_id):
+    """Prefix-shared rows [prompt | chosen | rejected], right-padded, on the CPU, from (prompt,
+    chosen, rejected) id arrays.
 
     rejected attends to the prompt and to itself, never to chosen, and its positions continue
     from the end of the prompt as if chosen were absent: each response sees exactly what it
     sees in a row of its own. labels [n, 2, T] (logprobs.sequence_logps): response k's token
     predicted by position t sits at labels[:, k, t + 1], so the prompt's last position predicts
-    the first token of both responses; attention_mask is the [n, T, T] query-sees-key matrix.
+    the first token of both responses. segments [n, T] says which part each position is (0
+    prompt, 1 chosen, 2 rejected, 3 padding): prefix_sharing_mask makes the mask of it on the
+    device, so the [n, T, T] matrix is never copied there.
     """
-    rows = []
-    for (ids_c, labels_c), (ids_r, _) in seqs:
-        p = labels_c.count(logprobs.IGNORE)  # the shared prompt's length
-        rows.append((ids_c[:p], ids_c[p:], ids_r[p:]))
     T = max(len(p) + len(c) + len(r) for p, c, r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), 2, T), logprobs.IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(rows), T), dtype=torch.long)
-    part = torch.full((len(rows), T), 3)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    ids = np.full((len(rows), T), pad_id, np.int64)
+    labels = np.full((len(rows), 2, T), logprobs.IGNORE, np.int64)
+    pos = np.zeros((len(rows), T), np.int64)
+    segments = np.full((len(rows), T), 3, np.int64)
     for i, (p, c, r) in enumerate(rows):
         P, C, R = len(p), len(c), len(r)
-        ids[i, :P + C + R] = torch.tensor(p + c + r)
-        pos[i, :P + C] = torch.arange(P + C)
-        pos[i, P + C:P + C + R] = torch.arange(P, P + R)
-        part[i, :P], part[i, P:P + C], part[i, P + C:P + C + R] = 0, 1, 2
-        labels[i, 0, P:P + C] = torch.tensor(c)
+        ids[i, :P + C + R] = np.concatenate((p, c, r))
+        pos[i, :P + C] = np.arange(P + C)
+        pos[i, P + C:P + C + R] = np.arange(P, P + R)
+        segments[i, :P], segments[i, P:P + C], segments[i, P + C:P + C + R] = 0, 1, 2
+        labels[i, 0, P:P + C] = c
         labels[i, 1, P] = r[0]  # predicted by the prompt's last position, as chosen's first token
-        labels[i, 1, P + C + 1:P + C + R] = torch.tensor(r[1:])
-    q, k = part[:, :, None], part[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = causal & ~((q == 2) & (k == 1))
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos,
-            "tokens": (part < 3).sum()}
+        labels[i, 1, P + C + 1:P + C + R] = r[1:]
+    labels = torch.from_numpy(labels)
+    return {"input_ids": torch.from_numpy(ids), "labels": labels, "scored": logprobs.scored_tokens(labels),
+            "position_ids": torch.from_numpy(pos), "segments": torch.from_numpy(segments),
+            "tokens": torch.tensor(int((segments < 3).sum()))}
+
+
+def prefix_sharing_mask(segments, attention="sdpa"):
+    """The query-sees-key rule of prefix-shared rows, from their segments [n, T], on their device:
+    causal, minus every (rejected query, chosen key). "sdpa": a boolean [n, T, T] matrix;
+    "flex": a flex_attention BlockMask of the same rule, whose kernel skips the blocks no query
+    sees (half of a causal square, and rejected's rows of chosen's columns)."""
+    if attention == "flex":
+        def sees(b, h, q, k):
+            return (k <= q) & ~((segments[b, q] == 2) & (segments[b, k] == 1))
+        return create_block_mask(sees, len(segments), None, segments.shape[1], segments.shape[1],
+                                 device=segments.device)
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    return causal & ~((q == 2) & (k == 1))
 
 
 def pair_logps(model, batch):
     """Sequence log-probs (summed over response tokens) of the chosen and of the rejected responses."""
-    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                    position_ids=batch.get("position_ids"))
-    if logps.dim() == 2:  # prefix-shared: [n, 2]
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"), scored=batch["scored"])
+    if logps.dim() == 2:  # prefix sharing: [n, 2]
         return logps[:, 0], logps[:, 1]
     n = len(logps) // 2
     return logps[:n], logps[n:]
@@ -378,7 +402,7 @@ def make_reference(ref, table, env):
     def reference(batch):
         if (batch["split"], batch["idx"][0]) not in table:
             return ref_logps(ref, batch, env)
-        logps = torch.tensor([table[batch["split"], i] for i in batch["idx"]], device=batch["input_ids"].device)
+        logps = training.move(torch.tensor([table[batch["split"], i] for i in batch["idx"]]), batch["input_ids"].device)
         return logps[:, 0], logps[:, 1]
     return reference
 
@@ -472,12 +496,17 @@ def main(argv=None):
         raise ValueError("--online draws new pairs every round, with each process's whole policy: it works "
                          "without --precompute-ref and --fsdp")
     env = training.setup(args)
+    if args.attention == "flex" and env.device.type != "cuda":
+        raise ValueError("--attention flex needs --device cuda: torch's flex_attention has no backward on the CPU")
     tok = load_tokenizer(training.model_dir(args.init))
     data = Path(args.data)
-    pairs = training.read_examples(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
+    texts = training.read_examples(data / "pref_train.jsonl", ("prompt", "chosen", "rejected"), args.max_examples)
     eval_pairs = (training.read_examples(data / "pref_eval.jsonl", ("prompt", "chosen", "rejected"), args.eval_examples)
                   if args.eval_examples else [])
-    plan = training.make_plan(args, env, len(pairs))
+    # Tokenised once, up front (the fixture's TL;DR pairs: 1.3 ms per 8), so that a step only packs ids.
+    pairs, eval_pairs = (training.tokenize(tok, rows, ("chosen", "rejected"), args.max_length)
+                         for rows in (texts, eval_pairs))
+    plan = training.make_plan(args, env, len(pairs), pair_lengths(pairs, args.prefix_sharing))
     state = training.prepare_out(args, env)
     if training.finished(state, env):
         return training.finish(env)
@@ -485,15 +514,15 @@ def main(argv=None):
 
     # Load and wrap one model at a time: with --fsdp each is whole on the device only until it is sharded.
     policy = training.wrap(training.load_model(state["dir"] if state else args.init, args.seed, env.device),
-                           env, args.fsdp, args.activation_checkpointing)
+                           env, args.fsdp, args.activation_checkpointing, args.compile)
     # A reference used only for the precomputing pass stays unwrapped (each process runs it whole, with
     # no collective), so dropping it frees it: an FSDP module that has run a forward outlives `del`.
     ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
-                        env, args.fsdp and not args.precompute_ref)
+                        env, args.fsdp and not args.precompute_ref, compile=args.compile)
 
     def batch(idx, split):
-        return pair_batch(tok, pairs if split == "train" else eval_pairs, idx, split, args.max_length, env.device,
-                          args.prefix_sharing)
+        return pair_batch(pairs if split == "train" else eval_pairs, idx, split, tok.eos_id, env.device,
+                          args.prefix_sharing, args.attention)
     eval_idx = training.shard(len(eval_pairs), env, plan.micro)
     todo = [(idx, "eval") for idx in eval_idx]  # the eval pairs' reference log-probs never change: computed once
     if args.precompute_ref:
@@ -515,7 +544,9 @@ def main(argv=None):
     clock = training.start_clock(start)
     for step in range(start, plan.total_steps):
         if step in starts or (starts and step == start):  # a round begins, or a resume lands inside one
-            r, pairs = online_pairs(args, env, plan, tok, policy, pairs, step, starts)
+            r, rows = online_pairs(args, env, plan, tok, policy, texts, step, starts)
+            pairs = training.tokenize(tok, rows, ("chosen", "rejected"), args.max_length)
+            plan.lengths = np.asarray(pair_lengths(pairs, args.prefix_sharing))  # this round's pairs, bucketed
         batches = [batch(idx, "train") for idx in training.micro_batch_indices(plan, step)]
         stats = training.train_step(policy, optimizer, batches, loss_fn, env, args, step)
         training.log_step(args, env, plan, step + 1, stats, clock)

@@ -150,10 +150,25 @@ def token_logprobs(hidden, weight, targets, chunk_size=None):
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size or default_chunk_size(n, d, weight.shape[0]))
 
 
-def sequence_logps(model, input_ids, labels, attention_mask=None, return_hidden=False, position_ids=None):
+def scored_tokens(labels):
+    """Where sequence_logps reads its log-probs: one [4, N] tensor of (row, position, sequence,
+    target) per scored token, position t of `row` predicting `target` for `sequence` (the row,
+    or row · K + k for labels [B, K, T]). Batch builders call it on the CPU, before the copy to
+    the device: on a CUDA tensor, nonzero waits for the GPU (its output size depends on the data).
+    """
+    targets = labels[..., 1:]
+    scored = targets != IGNORE
+    where = scored.nonzero(as_tuple=True)  # (row, [response,] position)
+    seq = where[0] if labels.dim() == 2 else where[0] * labels.shape[1] + where[1]
+    return torch.stack((where[0], where[-1], seq, targets[scored]))
+
+
+def sequence_logps(model, input_ids, labels, attention_mask=None, return_hidden=False, position_ids=None,
+                   scored=None):
     """Σ_t log π(y_t | x, y_<t) over each response's tokens: [B, T] ids and labels -> [B] float32.
     With `return_hidden`, also the final-norm hidden states [B, T, D] it computed on the way
-    (sample.py reads other statistics from them without a second forward).
+    (sample.py reads other statistics from them without a second forward). `scored`: labels'
+    scored_tokens, when the batch builder has them (else computed here).
 
     Labels are the ids with -100 on prompt and padding; position t's output predicts
     labels[:, t + 1]. Labels [B, K, T] score K responses packed in one row (daa.py's
@@ -167,11 +182,8 @@ def sequence_logps(model, input_ids, labels, attention_mask=None, return_hidden=
     # Read the weight after the call: DDP keeps the model in .module, and FSDP gathers the
     # root's sharded weights (embed_out's among them) in its forward.
     weight = getattr(model, "module", model).embed_out.weight
-    targets = labels[..., 1:]
-    scored = targets != IGNORE
-    where = scored.nonzero(as_tuple=True)  # (row, [response,] position)
-    logp = token_logprobs(hidden[:, :-1][where[0], where[-1]], weight, targets[scored])
-    seq = where[0] if labels.dim() == 2 else where[0] * labels.shape[1] + where[1]
+    row, position, seq, target = scored_tokens(labels) if scored is None else scored
+    logp = token_logprobs(hidden[row, position], weight, target)
     logps = torch.zeros(labels.shape[:-1].numel(), dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
     logps = logps.view(labels.shape[:-1])
     return (logps, hidden) if return_hidden else logps

@@ -6,6 +6,7 @@ state-dict copy in both directions: `gpt_neox.embed_in`, `gpt_neox.layers.N.{inp
 post_attention_layernorm, attention.query_key_value, attention.dense, mlp.dense_h_to_4h,
 mlp.dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
 """
+import functools
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
@@ -103,6 +105,13 @@ class KVCache:
         self.length = 0
 
 
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention makes one fused kernel only when compiled (eager, it materialises the scores).
+    Compiled on first use: importing torch.compile's machinery takes seconds."""
+    return torch.compile(flex_attention)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -111,7 +120,7 @@ def rotate_half(x):
 def apply_rotary(x, cos, sin):
     """Rotary embedding on the first cos.shape[-1] dims of each head, the rest passes through."""
     r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
+    x_rot, x_pass = x.split((r, x.shape[-1] - r), dim=-1)  # not two slices: their backward zero-fills q's size
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
@@ -125,15 +134,18 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, D = x.shape
         # GPT-NeoX fuses QKV per head: the output holds [q_h, k_h, v_h] for head 0, then head 1, ...
-        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
+        q, k, v = (t.transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # split, then transpose: no copy in backward
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             t0 = cache.length
             cache.k[layer, :, :, t0:t0 + T] = k
             cache.v[layer, :, :, t0:t0 + T] = v
             k, v = cache.k[layer, :, :, :t0 + T], cache.v[layer, :, :, :t0 + T]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if isinstance(mask, BlockMask):  # daa.py --attention flex: blocks no query sees are skipped
+            y = compiled_flex_attention()(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.dense(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -172,32 +184,33 @@ class GPTNeoXModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
 
-def attention_mask_4d(attention_mask, past, T, dtype, device):
-    """Additive [B|1, 1, T, past+T] mask (0 = attend, -inf = not), or None for plain causal attention.
+def left_padding(token_mask, n_query=None):
+    """The visibility mask and position ids of a left-padded batch, from its token mask [B, T] (1 = token).
 
-    attention_mask is a padding mask [B, past+T] (1 = token), or a custom [B, T, T] boolean
-    "query may see key" matrix (prefix-shared pairs, daa.py). Padded keys are masked; a query
-    may always see itself, so a padding query whose keys are all padding (left padding) still
-    has one key and its softmax never gives NaN. Built once per forward in the compute dtype:
-    SDPA (and autocast) would otherwise convert it in every layer.
+    Returns a boolean [B, Tq, T] mask (query q sees key k: k <= q and k is a token) and position
+    ids [B, Tq] that count tokens only, so a left-padded row gives the logits of the row alone;
+    both for the last Tq = n_query positions (default: all T; a decode step with a KV cache asks
+    for its one new position, [B, 1, past + 1]). A padding query sees itself, so its softmax has
+    a key and never gives NaN. generate and sample.py's scoring build their masks here.
     """
-    if attention_mask is None and past == 0:
-        return None
-    q = torch.arange(past, past + T, device=device)[:, None]
-    k = torch.arange(past + T, device=device)[None, :]
-    if attention_mask is not None and attention_mask.dim() == 3:
-        allowed = attention_mask.bool()[:, None] | (k == q)
-    else:
-        allowed = k <= q
-        if attention_mask is not None:
-            allowed = allowed & (attention_mask.bool()[:, None, None, :] | (k == q))
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    m = token_mask.bool()
+    T = m.shape[1]
+    Tq = T if n_query is None else n_query
+    k = torch.arange(T, device=m.device)
+    q = k[T - Tq:, None]
+    visible = (k <= q) & (m[:, None, :] | (k == q))
+    pos = (m.long().cumsum(-1) - 1).clamp(min=0)[:, T - Tq:]
+    return visible, pos
 
 
-def right_padded(attention_mask):
-    """True when every row is tokens then padding: causal attention is then exact for every token
-    (no token sees a later position), so no mask is needed and SDPA can take its flash kernel."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+def attention_bias(mask, dtype):
+    """The boolean visibility mask [B, Tq, Tk] as the additive [B, 1, Tq, Tk] one SDPA adds to the
+    scores (0 = sees, -inf = does not), built once per forward in the compute dtype: SDPA (and
+    autocast) would otherwise convert a boolean mask in every layer. A flex BlockMask passes as it is."""
+    if mask is None or isinstance(mask, BlockMask):
+        return mask
+    bias = torch.zeros((mask.shape[0], 1, *mask.shape[1:]), dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask[:, None], float("-inf"))
 
 
 def compute_dtype(x):
@@ -227,11 +240,11 @@ class GPTNeoX(nn.Module):
     def forward(self, idx, attention_mask=None, kv_cache=None, return_hidden=False, position_ids=None):
         """idx [B, T] -> float32 logits [B, T, V], or final-norm hidden states [B, T, D].
 
-        attention_mask: a padding mask [B, past+T] (1 = token, 0 = padding) that covers the cached
-        tokens too, or a [B, T, T] boolean mask of which key each query sees (no cache).
-        Position ids default to counting tokens only (cumsum - 1), so a left-padded row equals
-        that row alone; `position_ids` [B, T] overrides them (prefix-shared pairs restart the
-        rejected response's positions at the end of the prompt).
+        attention_mask: None is plain causal attention, exact for right-padded batches (no token
+        sees a later position, and padding is never scored). Otherwise a boolean [B, T, past+T]
+        "query sees key" matrix, used as it is: `left_padding` builds it for left-padded prompts,
+        daa.py for prefix-shared pairs (or, for flex_attention, a BlockMask of such a rule).
+        position_ids [B, T] default to past .. past+T-1.
         With `activation_checkpointing` set, forwards under grad keep only each block's input and
         recompute the block in backward (non-reentrant torch.utils.checkpoint: DDP and FSDP work).
         """
@@ -239,19 +252,17 @@ class GPTNeoX(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None and past + T > kv_cache.k.shape[3]:
             raise ValueError(f"KV cache holds {kv_cache.k.shape[3]} positions; {past} used, {T} more requested")
-        if attention_mask is not None and attention_mask.dim() == 3 and kv_cache is not None:
-            raise ValueError("a [B, T, T] attention mask cannot be used with a KV cache")
-        if position_ids is not None:
-            pos = position_ids
-        elif attention_mask is None or attention_mask.dim() == 3:
-            pos = torch.arange(past, past + T, device=idx.device)[None, :]
-        else:
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        if attention_mask is not None and attention_mask.dim() == 2 and past == 0 and right_padded(attention_mask):
-            attention_mask = None  # training batches: exact without a mask, and the fast causal kernel
+        if attention_mask is None and past:
+            raise ValueError("tokens after cached ones need an explicit attention_mask (model.left_padding)")
+        if torch.is_tensor(attention_mask) and (attention_mask.dtype != torch.bool or attention_mask.dim() != 3
+                                                or attention_mask.shape[1:] != (T, past + T)):
+            raise ValueError(f"attention_mask must be a boolean [B, {T}, {past + T}] visibility mask, got "
+                             f"{attention_mask.dtype} {tuple(attention_mask.shape)} (model.left_padding makes one "
+                             "from a padding mask)")
+        pos = position_ids if position_ids is not None else torch.arange(past, past + T, device=idx.device)[None]
         x = self.gpt_neox.embed_in(idx)
         dtype = compute_dtype(x)
-        mask = attention_mask_4d(attention_mask, past, T, dtype, idx.device)
+        mask = attention_bias(attention_mask, dtype)
         # Rotary angles in float32 (as transformers), computed here so that casting the model cannot round them;
         # cos/sin in the compute dtype, so under autocast they do not promote q and k back to float32.
         hs = c.hidden_size // c.num_attention_heads
@@ -274,21 +285,22 @@ class GPTNeoX(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0,
                  eos_id=None, generator=None, use_cache=True):
-        """Sample continuations of left-padded prompts; returns the new tokens only, [B, n_new].
+        """Sample continuations of left-padded prompts (attention_mask: their token mask [B, T], 1 = token);
+        returns the new tokens only, [B, n_new].
 
         After a row emits eos_id its remaining positions are eos_id; decoding stops once every
         row is done. temperature 0 is greedy. Sampling draws one uniform per row from `generator`
         each step, so the same seed gives the same tokens with or without the KV cache.
         """
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        tokens = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         cache = KVCache(self.config, B, T + max_new_tokens, self.embed_out.weight.dtype, input_ids.device) if use_cache else None
-        x, mask = input_ids, attention_mask  # x: what the next forward reads (only new tokens with a cache)
+        x = input_ids  # what the next forward reads (only the new token with a cache)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         new = []
         for _ in range(max_new_tokens):
-            h = self(x, mask, kv_cache=cache, return_hidden=True)[:, -1]  # unembed the last position only
+            mask, pos = left_padding(tokens, x.shape[1])
+            h = self(x, mask, cache, return_hidden=True, position_ids=pos)[:, -1]  # unembed the last position only
             nxt = sample_token(self.embed_out(h).float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -297,7 +309,7 @@ class GPTNeoX(nn.Module):
             if eos_id is not None and bool(done.all()):
                 break
             x = nxt[:, None] if use_cache else torch.cat((x, nxt[:, None]), dim=1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            tokens = torch.cat((tokens, torch.ones_like(tokens[:, :1])), dim=1)
         return torch.stack(new, dim=1) if new else input_ids.new_zeros(B, 0)
 
     @classmethod

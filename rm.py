@@ -109,7 +109,7 @@ def pair_rewards(model, batch):
                       batch["position_ids"])
         return out[:, 0], out[:, 1]
     p = (labels != IGNORE).int().argmax(-1)
-    out = rewards(model, batch["input_ids"], batch["attention_mask"], p + torch.cat([c, r]) - 1)
+    out = rewards(model, batch["input_ids"], None, p + torch.cat([c, r]) - 1)  # right-padded: causal, no mask
     return out[:len(c)], out[len(c):]
 
 
@@ -129,13 +129,17 @@ def score(model, tok, prompts, responses, max_length=512, batch_size=256):
     """r(x, y) of each (prompt, response text) pair, scored as training scores a response (training.encode:
     the response, then EOS), `batch_size` at a time, shortest first (less padding); a float32 CPU tensor
     (float64 for a float64 model)."""
-    seqs = [training.encode(tok, x, [y], max_length)[0] for x, y in zip(prompts, responses)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    seqs = training.tokenize(tok, [{"prompt": x, "response": y} for x, y in zip(prompts, responses)], ("response",),
+                             max_length)
+    lengths = torch.tensor([len(p) + len(r) for p, r in seqs])
+    order = sorted(range(len(seqs)), key=lambda i: lengths[i])
     out = torch.zeros(len(seqs), dtype=torch.promote_types(model.embed_out.weight.dtype, torch.float32))
+    device = model.embed_out.weight.device
     for i in range(0, len(seqs), batch_size):
         idx = order[i:i + batch_size]
-        batch = training.collate([seqs[j] for j in idx], tok.eos_id, model.embed_out.weight.device)
-        out[idx] = rewards(model, batch["input_ids"], batch["attention_mask"], batch["attention_mask"].sum(1) - 1).cpu()
+        batch = training.to_device(dict(training.collate([seqs[j] for j in idx], tok.eos_id), ends=lengths[idx] - 1),
+                                   device)
+        out[idx] = rewards(model, batch["input_ids"], None, batch["ends"]).cpu()  # right-padded: causal, no mask
     return out
 
 
@@ -169,12 +173,15 @@ def main(argv=None):
     eval_pairs = (training.read_examples(Path(args.data) / "pref_eval.jsonl", keys, args.eval_examples)
                   if args.eval_examples else [])
     ceiling = labeller_ceiling(eval_pairs, task.read_spec(args.gold_spec)) if args.gold_spec and eval_pairs else {}
-    plan = training.make_plan(args, env, len(pairs))
+    # Tokenised once, so that a step only packs ids (daa.py's pairs: the same cut, the same batches).
+    pairs, eval_pairs = (training.tokenize(tok, rows, ("chosen", "rejected"), args.max_length)
+                         for rows in (pairs, eval_pairs))
+    plan = training.make_plan(args, env, len(pairs), daa.pair_lengths(pairs, args.prefix_sharing))
     state = training.prepare_out(args, env)
     if training.finished(state, env):
         return training.finish(env)
     model = training.wrap(load(state["dir"] if state else args.init, args.seed, env.device, fresh=not state), env,
-                          args.fsdp, args.activation_checkpointing)
+                          args.fsdp, args.activation_checkpointing, args.compile)
     optimizer = training.make_optimizer(args, model)
     if state:
         training.load_optimizer(model, optimizer, state["dir"])
@@ -183,7 +190,7 @@ def main(argv=None):
                       f"({plan.micro} per forward × {plan.accum} accumulation × {env.world} processes)")
 
     def batch(examples, idx):
-        return daa.pair_batch(tok, examples, idx, "rm", args.max_length, env.device, args.prefix_sharing)
+        return daa.pair_batch(examples, idx, "rm", tok.eos_id, env.device, args.prefix_sharing)
     eval_idx = training.shard(len(eval_pairs), env, plan.micro)
     clock = training.start_clock(start)
     for step in range(start, plan.total_steps):

@@ -43,7 +43,7 @@ import training
 from data.tiny import task
 from download import cache_dir
 from logprobs import IGNORE, default_chunk_size, sequence_logps, token_logprobs
-from model import GPTNeoX
+from model import GPTNeoX, left_padding
 from tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +56,7 @@ def select_prompts(rows, n, seed):
 
 
 def left_pad(seqs, pad_id):
-    """Token lists -> ids [B, T] and attention mask [B, T], padded on the left for generation."""
+    """Token lists -> ids [B, T] and token mask [B, T] (1 = token), padded on the left for generation."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -94,7 +94,7 @@ def top10_indicators(hidden, weight, labels, k=10, chunk_size=None):
 
 @torch.no_grad()
 def draw(policy, prompts, budgets, eos_id, args, generator, allowed=None):
-    """Sample one continuation per prompt: (ids [B, T], attention mask, labels, samples), the prompt
+    """Sample one continuation per prompt: (ids [B, T], token mask, labels, samples), the prompt
     and sample tokens of each row with IGNORE labels off the sample, and each sample's token list.
 
     budgets[i] caps row i's new tokens (the rest of --max-length), so a row's sample does not
@@ -150,11 +150,13 @@ def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator, allowed
     renormalised distribution it sampled from, so the KL is that distribution's to π_ref.
     """
     full, full_mask, labels, samples = draw(policy, prompts, budgets, eos_id, args, generator, allowed)
-    policy_logp, hidden = sequence_logps(policy, full, labels, full_mask, return_hidden=True)  # temperature 1
+    visible, pos = left_padding(full_mask)  # one mask for both models
+    policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True,
+                                         position_ids=pos)  # temperature 1
     weight = policy.embed_out.weight
     if allowed is not None:
         policy_logp, weight = support_logps(hidden, weight, labels, allowed), weight[allowed]
-    ref_logp = sequence_logps(ref, full, labels, full_mask)
+    ref_logp = sequence_logps(ref, full, labels, visible, position_ids=pos)
     entropy, mass = top10_indicators(hidden, weight, labels)
     return [{"sample_tokens": s, "length_tokens": len(s) - (s[-1] == eos_id), "eos": s[-1] == eos_id,
              "policy_logp": policy_logp[i].item(), "ref_logp": ref_logp[i].item(),

@@ -36,14 +36,13 @@ def sft_loss(model, batch):
     # the DPO reference code: the objective is log π(y|x) of whole responses, the same sequence
     # log-prob the DAA losses (Eq. 4) and the KL are made of. A per-token mean would instead
     # weigh every token of the batch equally, so short responses would count for less.
-    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    logps = logprobs.sequence_logps(model, batch["input_ids"], batch["labels"], scored=batch["scored"])  # causal
     n_tokens = (batch["labels"] != logprobs.IGNORE).sum(1)
     return -logps.mean(), {"loss": -logps.detach(), "response_tokens": n_tokens}
 
 
-def batch_of(tok, examples, idx, max_length, device):
-    return training.collate([training.encode(tok, examples[i]["prompt"], [examples[i]["response"]], max_length)[0]
-                             for i in idx], tok.eos_id, device)
+def batch_of(examples, idx, pad_id, device):
+    return training.to_device(training.collate([examples[i] for i in idx], pad_id), device)
 
 
 def evaluate(model, batches, env):
@@ -60,12 +59,14 @@ def main(argv=None):
     data = training.read_examples(Path(args.data) / "sft_train.jsonl", ("prompt", "response"), args.max_examples)
     valid = (training.read_examples(Path(args.data) / "sft_valid.jsonl", ("prompt", "response"), args.eval_examples)
              if args.eval_examples else [])
-    plan = training.make_plan(args, env, len(data))
+    # Tokenised once, up front, so that a step only packs ids.
+    data, valid = (training.tokenize(tok, rows, ("response",), args.max_length) for rows in (data, valid))
+    plan = training.make_plan(args, env, len(data), [len(p) + len(r) for p, r in data])
     state = training.prepare_out(args, env)
     if training.finished(state, env):
         return training.finish(env)
     model = training.wrap(training.load_model(state["dir"] if state else args.model, args.seed, env.device),
-                          env, args.fsdp, args.activation_checkpointing)
+                          env, args.fsdp, args.activation_checkpointing, args.compile)
     optimizer = training.make_optimizer(args, model)
     if state:
         training.load_optimizer(model, optimizer, state["dir"])
@@ -76,13 +77,13 @@ def main(argv=None):
     valid_idx = training.shard(len(valid), env, plan.micro)
     clock = training.start_clock(start)
     for step in range(start, plan.total_steps):
-        batches = [batch_of(tok, data, idx, args.max_length, env.device) for idx in training.micro_batch_indices(plan, step)]
+        batches = [batch_of(data, idx, tok.eos_id, env.device) for idx in training.micro_batch_indices(plan, step)]
         stats = training.train_step(model, optimizer, batches, sft_loss, env, args, step)
         training.log_step(args, env, plan, step + 1, stats, clock)
         if step + 1 in plan.checkpoint_steps:
             extra = {}
             if valid_idx:
-                ev = evaluate(training.unwrap(model), (batch_of(tok, valid, i, args.max_length, env.device)
+                ev = evaluate(training.unwrap(model), (batch_of(valid, i, tok.eos_id, env.device)
                                                       for i in valid_idx), env)
                 training.log_metrics(args, env, {"step": step + 1, "examples": (step + 1) * plan.batch_size, **ev})
                 training.say(env, " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))

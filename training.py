@@ -12,8 +12,9 @@ A training script reads top to bottom with these pieces:
 
 Batching (App. B of the paper): `--batch-size` is the global batch, split as micro-batch ×
 accumulation steps × world size. The data order is a permutation drawn from (seed, epoch)
-alone, so a resumed run sees exactly the batches an uninterrupted run sees. Every file is
-written atomically (files.py); the run directory's layout is docs/formats.md's.
+alone, so a resumed run sees exactly the batches an uninterrupted run sees; within a step,
+examples are grouped by length (micro_batch_indices). Every file is written atomically
+(files.py); the run directory's layout is docs/formats.md's.
 """
 import base64
 import json
@@ -38,11 +39,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import files
 from download import cache_dir
-from logprobs import IGNORE
+from logprobs import IGNORE, scored_tokens
 from model import Config, GPTNeoX, unreadable
 
 FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device",  # the math stays the same
-                                   "activation_checkpointing", "dist_timeout"}
+                                   "activation_checkpointing", "dist_timeout", "compile", "attention"}
 
 
 def add_args(parser, checkpoints):
@@ -83,6 +84,9 @@ def add_args(parser, checkpoints):
     p.add_argument("--activation-checkpointing", action="store_true", help="keep only each block's input in "
                    "the forward and recompute the block in backward: less activation memory for about a third "
                    "more compute (a larger --micro-batch-size then fits)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (the same code "
+                   "for all layers: one compiled graph, recompiled once for a new sequence length, then with "
+                   "dynamic shapes); the first steps pay the compile time")
     p.add_argument("--dist-timeout", type=float, default=180, help="minutes a process waits in a collective "
                    "before the run is aborted; generous, as the other processes wait while rank 0 writes a "
                    "checkpoint (tens of GB at 6.9B; NCCL's own default is 10) (default %(default)s)")
@@ -212,20 +216,46 @@ def cut_prompt(tok, prompt, ids, budget):
     return ids[:budget - n_tail] + ids[len(ids) - n_tail:]
 
 
-def collate(seqs, pad_id, device):
-    """Right-pad (input_ids, labels) pairs into [B, T] tensors; padding has mask 0 and label IGNORE."""
-    T = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (x, y) in enumerate(seqs):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
-            "tokens": mask.sum().to(device)}  # on the device, as the statistics train_step sums it with
+def tokenize(tok, rows, responses, max_length):
+    """Every example tokenised and truncated once, before training (encode), so that a step only
+    packs ids: per row, (prompt, response, ...) as int32 arrays, responses with their EOS."""
+    out = []
+    for row in rows:
+        seqs = encode(tok, row["prompt"], [row[k] for k in responses], max_length)
+        p = seqs[0][1].count(IGNORE)  # the shared prompt's length
+        out.append((np.array(seqs[0][0][:p], np.int32), *(np.array(ids[p:], np.int32) for ids, _ in seqs)))
+    return out
 
 
-def make_plan(args, env, n_examples):
-    """Steps, accumulation and checkpoint steps for `n_examples` training examples."""
+def collate(examples, pad_id):
+    """Right-pad (prompt, response) id arrays into CPU tensors [B, T]: input_ids, and labels with
+    IGNORE on prompt and padding, plus their logprobs.scored_tokens. No attention mask: causal
+    attention is exact for every token when padding only follows it (model.forward)."""
+    T = max(len(p) + len(r) for p, r in examples)
+    ids = np.full((len(examples), T), pad_id, np.int64)
+    labels = np.full((len(examples), T), IGNORE, np.int64)
+    for i, (p, r) in enumerate(examples):
+        ids[i, :len(p) + len(r)] = np.concatenate((p, r))
+        labels[i, len(p):len(p) + len(r)] = r
+    labels = torch.from_numpy(labels)
+    return {"input_ids": torch.from_numpy(ids), "labels": labels, "scored": scored_tokens(labels),
+            "tokens": torch.tensor(sum(len(p) + len(r) for p, r in examples))}
+
+
+def move(t, device):
+    """A CPU tensor on `device`. On CUDA from pinned memory and non-blocking: the copy queues behind
+    the kernels already running, where a plain .to() from pageable memory waits for them."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
+
+
+def to_device(batch, device):
+    """A batch's tensors on `device` (move)."""
+    return {k: move(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_plan(args, env, n_examples, lengths=None):
+    """Steps, accumulation and checkpoint steps for `n_examples` training examples; `lengths`
+    (tokens per example, as batched) lets micro_batch_indices group similar lengths."""
     B, W = args.batch_size, env.world
     micro = args.micro_batch_size or min(8, max(1, B // W))
     if B % (micro * W):
@@ -237,7 +267,8 @@ def make_plan(args, env, n_examples):
     checkpoint_steps = sorted({max(1, round(total * k / args.checkpoints)) for k in range(1, args.checkpoints + 1)})
     return SimpleNamespace(n_examples=n_examples, batch_size=B, micro=micro, accum=B // (micro * W),
                            steps_per_epoch=steps_per_epoch, total_steps=total, checkpoint_steps=checkpoint_steps,
-                           seed=args.seed, rank=env.rank, world=W)
+                           seed=args.seed, rank=env.rank, world=W,
+                           lengths=None if lengths is None else np.asarray(lengths))
 
 
 def epoch_order(n, seed, epoch):
@@ -246,12 +277,20 @@ def epoch_order(n, seed, epoch):
 
 
 def micro_batch_indices(plan, step):
-    """This process's example indices at `step`: its contiguous 1/world of the global batch, in micro-batches."""
+    """This process's example indices at `step`, in micro-batches.
+
+    Which examples form the step is the data order's alone. When they span several micro-batches
+    and `plan.lengths` is known, they are sorted by length first (length bucketing: each
+    micro-batch holds similar lengths, so less padding) and micro-batch j goes to process
+    j % world as its (j // world)-th: at each accumulation step the processes hold neighbouring
+    lengths and finish together. The step's gradient, a mean over its examples, is the same sum.
+    """
     epoch, k = divmod(step, plan.steps_per_epoch)
     batch = epoch_order(plan.n_examples, plan.seed, epoch)[k * plan.batch_size:(k + 1) * plan.batch_size]
-    per_rank = plan.batch_size // plan.world
-    mine = batch[plan.rank * per_rank:(plan.rank + 1) * per_rank]
-    return [mine[i:i + plan.micro].tolist() for i in range(0, per_rank, plan.micro)]
+    if plan.lengths is not None and plan.micro < plan.batch_size:
+        batch = batch[np.argsort(plan.lengths[batch], kind="stable")]
+    micro = [batch[i:i + plan.micro].tolist() for i in range(0, plan.batch_size, plan.micro)]
+    return micro[plan.rank::plan.world]
 
 
 def shard(n, env, micro):
@@ -281,15 +320,20 @@ def load_model(name_or_dir, seed, device):
     return GPTNeoX.from_pretrained(str(d), device=device)
 
 
-def wrap(model, env, fsdp, checkpointing=False):
+def wrap(model, env, fsdp, checkpointing=False, compile=False):
     """DDP replicates the model and all-reduces gradients; FSDP shards each block and the rest.
 
     Under a bf16 run FSDP gathers bf16 weights and reduces gradients in fp32: without that policy
     autocast would cast each gathered fp32 weight and save the bf16 copy, unsharded, for backward.
     DDP's gradient_as_bucket_view lets .grad live in its all-reduce buckets instead of beside
-    them (4 bytes per parameter less). `checkpointing`: --activation-checkpointing.
+    them (4 bytes per parameter less). `checkpointing`: --activation-checkpointing. `compile`
+    (--compile) compiles each block in place, before DDP or FSDP wrap them (as torchtitan does
+    for FSDP): the backward stays one graph per block, so gradient hooks still fire block by block.
     """
     model.activation_checkpointing = checkpointing
+    if compile:
+        for block in model.gpt_neox.layers:
+            block.compile()
     if fsdp:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if env.dtype == "bfloat16" else MixedPrecisionPolicy()

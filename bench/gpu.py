@@ -40,6 +40,7 @@ from bench.train import FIXTURES, tldr_pairs  # noqa: E402
 
 TOK = load_tokenizer(FIXTURES / "gpt-neox-20b-tokenizer.json")
 PAIRS = tldr_pairs()
+EXAMPLES = training.tokenize(TOK, PAIRS, ("chosen", "rejected"), 512)  # as daa.py tokenises them, once
 BF16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
 
 
@@ -47,7 +48,7 @@ def parity():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = GPTNeoX(PYTHIA["pythia-160m"]).cuda().eval()
-    batch = daa.pair_batch(TOK, PAIRS, list(range(8)), "eval", 512, "cuda")
+    batch = daa.pair_batch(EXAMPLES, list(range(8)), "eval", TOK.eos_id, "cuda")
     with torch.no_grad():
         fp32 = torch.cat(daa.pair_logps(model, batch))
         with BF16():
@@ -77,7 +78,7 @@ def daa_step(shared, checkpointing, peak_tflops, n_pairs=8, steps=3):
     env = SimpleNamespace(world=1, rank=0, main=True, device=torch.device("cuda"), autocast=BF16)
     optimizer = training.make_optimizer(args, policy)
     loss_fn = daa.make_loss_fn(args, daa.make_reference(ref, {}, env))
-    batch = daa.pair_batch(TOK, PAIRS, list(range(n_pairs)), "train", 512, "cuda", shared)
+    batch = daa.pair_batch(EXAMPLES, list(range(n_pairs)), "train", TOK.eos_id, "cuda", shared)
     training.train_step(policy, optimizer, [batch], loss_fn, env, args, 0)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -1,12 +1,18 @@
 """model.py vs transformers' GPTNeoXForCausalLM: training step and KV-cache decoding throughput.
 
-Both models hold the same random weights (pythia-70m shape by default) and run on the
-CPU in float32, measured alternately in one process so that machine load hits both alike.
+Both models hold the same random weights (pythia-70m shape by default) and run on the CPU
+in float32 with --threads torch threads (default 2). The sides take turns in one process:
+each round times ours then theirs (or theirs then ours, every other round), so a change in
+the machine's load hits both; a round's ratio compares two neighbouring runs, and the table
+gives the median over --rounds rounds (wall clock, and process CPU time, which leaves out the
+waits for a core), and the ratio of each side's fastest run. The load average before and
+after is printed: on a shared machine, read the ratios next to it.
 
-    python bench/model.py
+    python bench/model.py                  # pythia-70m, 4 x 256 fwd+bwd, 8 x 128 greedy decode, 2 threads
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -24,8 +30,8 @@ parser.add_argument("--seq-len", type=int, default=256, help="forward+backward: 
 parser.add_argument("--decode-batch", type=int, default=8, help="decode: prompts per batch")
 parser.add_argument("--prompt-len", type=int, default=64, help="decode: longest prompt (others are left-padded)")
 parser.add_argument("--new-tokens", type=int, default=128, help="decode: greedy tokens generated per prompt")
-parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per side (the fastest is reported)")
-parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per benchmark (median reported)")
+parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 args = parser.parse_args()
 
 from transformers import GPTNeoXForCausalLM  # noqa: E402  (benchmark oracle only)
@@ -39,16 +45,22 @@ with tempfile.TemporaryDirectory() as d:
 V = ours.config.vocab_size
 
 
-def best_times(fns):
-    """Fastest seconds per call of each side, the sides taking turns so that load changes hit both
-    (on a shared machine the fastest run is the one least disturbed by other processes)."""
-    times = {side: [] for side in fns}
-    for _ in range(args.repeats):
-        for side, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[side].append(time.perf_counter() - t0)
-    return {side: min(ts) for side, ts in times.items()}
+def interleaved(fns):
+    """Wall-clock and process CPU seconds per call of each side, round by round; the order within a
+    round alternates. CPU time (all threads) leaves out the time this process waits for a core."""
+    wall, cpu = {side: [] for side in fns}, {side: [] for side in fns}
+    for r in range(args.rounds):
+        for side in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[side]()
+            wall[side].append(time.perf_counter() - t0)
+            cpu[side].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def paired(t):
+    """Each round's ratio transformers / ours (> 1: ours is faster)."""
+    return [h / o for o, h in zip(t["ours"], t["hf"])]
 
 
 # forward + backward: next-token cross-entropy over a full batch
@@ -88,18 +100,26 @@ def decode_hf():
 
 decode = {"ours": decode_ours, "hf": decode_hf}
 
+load_before = os.getloadavg()
 rows = []
 for name, fns, tokens in [(f"forward+backward, batch {args.batch_size} x {args.seq_len}", fwd_bwd, args.batch_size * args.seq_len),
                           (f"greedy decode (KV cache), batch {args.decode_batch} x {args.new_tokens} new", decode,
                            args.decode_batch * args.new_tokens)]:
     for fn in fns.values():
         fn()  # warm-up
-    t = best_times(fns)
-    rows.append((name, tokens / t["ours"], tokens / t["hf"]))
+    wall, cpu = interleaved(fns)
+    ratios = paired(wall)
+    rows.append((name, tokens / statistics.median(wall["ours"]), tokens / statistics.median(wall["hf"]),
+                 statistics.median(ratios), min(ratios), max(ratios), statistics.median(paired(cpu)),
+                 min(wall["hf"]) / min(wall["ours"])))
+load_after = os.getloadavg()
 
 same = torch.equal(out["ours"], out["hf"])
-print(f"{args.model} shape, random weights, CPU float32, {args.threads} threads, torch {torch.__version__}")
-print(f"| benchmark | nanoDAA tokens/s | transformers tokens/s | ratio |\n|---|---:|---:|---:|")
-for name, a, b in rows:
-    print(f"| {name} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+print(f"{args.model} shape, random weights, CPU float32, {args.threads} threads, torch {torch.__version__}, "
+      f"{args.rounds} interleaved rounds; load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+      f"on {os.cpu_count()} CPUs")
+print("| benchmark | nanoDAA tokens/s (median) | transformers tokens/s (median) | ratio, median of rounds "
+      "(min-max) | ratio of CPU time, median | ratio of the best runs |\n|---|---:|---:|---:|---:|---:|")
+for name, a, b, r, lo, hi, r_cpu, best in rows:
+    print(f"| {name} | {a:,.0f} | {b:,.0f} | {r:.2f}x ({lo:.2f}-{hi:.2f}) | {r_cpu:.2f}x | {best:.2f}x |")
 print(f"greedy tokens identical to transformers: {same}")

@@ -5,7 +5,7 @@ DPO loss (Eq. 4), backward, gradient clipping, RMSprop. The variants:
 
     full logits     two rows per pair; logits = model(x) [B, T, V], log_softmax, gather (the DPO reference code)
     fused           two rows per pair; logprobs.sequence_logps (hidden states + chunked unembedding)
-    fused + shared  one row [prompt | chosen | rejected] per pair (daa.pack_pairs), the default
+    fused + shared  one row [prompt | chosen | rejected] per pair (daa.prefix_sharing_batch), the default
     + checkpointing the same with --activation-checkpointing (each block recomputed in backward)
 
 Pairs: real TL;DR comparisons (tests/fixtures, Pythia's tokenizer, truncated as daa.py does
@@ -101,8 +101,9 @@ def worker(variant, n_pairs, steps, model_name, max_length):
     # step memory is then the activations and the step's temporaries, what the variants change.
     optimizer.zero_grad = lambda set_to_none=True, real=optimizer.zero_grad: real(set_to_none=False)
     loss_fn = daa.make_loss_fn(args, daa.make_reference(ref, {}, env))
-    shared = variant.startswith("shared")
-    batch = lambda length: daa.pair_batch(tok, pairs, list(range(len(pairs))), "train", length, "cpu", shared)
+    prefix_sharing = variant.startswith("shared")
+    batch = lambda length: daa.pair_batch(training.tokenize(tok, pairs, ("chosen", "rejected"), length),
+                                          list(range(len(pairs))), "train", tok.eos_id, "cpu", prefix_sharing)
 
     training.train_step(policy, optimizer, [batch(16)], loss_fn, env, args, 0)  # allocates optimizer state
     b = batch(max_length)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from logprobs import default_chunk_size, sequence_logps, token_logprobs
-from model import Config, GPTNeoX
+from model import Config, GPTNeoX, left_padding
 
 
 def naive(hidden, weight, targets):
@@ -105,10 +105,11 @@ def test_sequence_logps_equals_full_logits():
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :4] = labels[1, :5] = -100  # prompts
     labels[2] = -100  # a row with no response token
-    ours = sequence_logps(model, ids, labels, mask)
+    visible, pos = left_padding(mask)
+    ours = sequence_logps(model, ids, labels, visible, position_ids=pos)
     grads = torch.autograd.grad(ours.sum(), list(model.parameters()))
 
-    logp = model(ids, attention_mask=mask)[:, :-1].log_softmax(-1)
+    logp = model(ids, visible, position_ids=pos)[:, :-1].log_softmax(-1)
     targets = labels[:, 1:]
     ref = (logp.gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * (targets != -100)).sum(1)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from model import PYTHIA, Config, GPTNeoX, KVCache, sample_token
+from model import PYTHIA, Config, GPTNeoX, KVCache, left_padding, sample_token
 
 TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
 CONFIGS = {  # the variations Pythia's suite spans, each on a model small enough to run in milliseconds
@@ -32,6 +32,12 @@ def hf_model(tmp_path, cfg, seed=0):
     return hf, tmp_path / "hf"
 
 
+def padded(model, ids, mask, **kw):
+    """A forward over a left-padded batch, mask and positions from its token mask (model.left_padding)."""
+    visible, pos = left_padding(mask)
+    return model(ids, visible, position_ids=pos, **kw)
+
+
 def left_padded_batch(vocab, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)
@@ -49,7 +55,7 @@ def test_logits_match_transformers(tmp_path, name):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
         want = hf(ids, attention_mask=mask, position_ids=pos).logits
-        got = ours(ids, attention_mask=mask)
+        got = padded(ours, ids, mask)
         real = mask.bool()  # transformers' logits at padding positions are arbitrary
         torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
         hidden = ours(ids, return_hidden=True)
@@ -199,7 +205,7 @@ def tiny():
 def test_left_padded_rows_equal_rows_alone(tiny):
     lengths = [12, 7, 1]
     ids, mask = left_padded_batch(128, lengths)
-    logits = tiny(ids, attention_mask=mask)
+    logits = padded(tiny, ids, mask)
     for row, n in enumerate(lengths):
         alone = tiny(ids[row:row + 1, -n:])
         torch.testing.assert_close(logits[row:row + 1, -n:], alone, atol=1e-5, rtol=0)
@@ -212,11 +218,15 @@ def test_left_padded_rows_equal_rows_alone(tiny):
 def test_kv_cache_equals_full_forward(tiny):
     ids, mask = left_padded_batch(128, [10, 6])
     with torch.no_grad():
-        full = tiny(ids, attention_mask=mask)
-        cache = KVCache(tiny.config, 2, 10)
-        steps = [tiny(ids[:, :4], attention_mask=mask[:, :4], kv_cache=cache)]  # a prefill chunk, then token by token
+        full = padded(tiny, ids, mask)
+        cache = KVCache(tiny.config, 2, 11)
+        steps = [padded(tiny, ids[:, :4], mask[:, :4], kv_cache=cache)]  # a prefill chunk, then token by token
         for t in range(4, 10):
-            steps.append(tiny(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache))
+            visible, pos = left_padding(mask[:, :t + 1], 1)
+            assert visible.shape == (2, 1, t + 1)  # the decode step's mask: [B, 1, past + 1]
+            steps.append(tiny(ids[:, t:t + 1], visible, kv_cache=cache, position_ids=pos))
+        with pytest.raises(ValueError, match="explicit attention_mask"):
+            tiny(ids[:, :1], kv_cache=cache)  # after cached tokens, plain causal would be wrong
     assert cache.length == 10
     torch.testing.assert_close(torch.cat(steps, dim=1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
 
@@ -284,21 +294,31 @@ def record_sdpa(monkeypatch):
 
 
 def test_right_padding_takes_plain_causal_attention(monkeypatch):
-    """Right padding: no mask at all (SDPA's fast kernel), and the tokens' logits are those of each row alone."""
+    """No mask: SDPA's causal path in every layer, and the tokens of a right-padded batch get the logits of
+    each row alone. A left-padded batch's mask is built once per forward, for all layers."""
     torch.manual_seed(0)
     model = GPTNeoX(Config(**TINY)).eval()
     ids = torch.randint(0, 128, (3, 10))
-    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 2 + [0] * 8])
+    lengths = [10, 6, 2]
     calls = record_sdpa(monkeypatch)
     with torch.no_grad():
-        out = model(ids, attention_mask=mask)
+        out = model(ids)
         assert all(m is None and causal for m, causal, _ in calls) and len(calls) == 2
-        for i, n in enumerate(mask.sum(1).tolist()):
+        for i, n in enumerate(lengths):
             torch.testing.assert_close(out[i, :n], model(ids[i:i + 1, :n])[0], atol=1e-5, rtol=0)
         calls.clear()
-        left = mask.flip(1)
-        model(ids, attention_mask=left)  # left padding still needs its mask, built once for all layers
+        left = torch.tensor([[0] * (10 - n) + [1] * n for n in lengths])
+        padded(model, ids, left)
         assert calls[0][0] is not None and calls[0][0] is calls[1][0] and calls[0][0].dtype == torch.float32
+
+
+def test_left_padding_mask_and_positions():
+    visible, pos = left_padding(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    assert pos.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    assert visible[0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]  # padding sees itself
+    assert torch.equal(visible[1], torch.ones(4, 4, dtype=torch.bool).tril())
+    last, last_pos = left_padding(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]), 1)
+    assert torch.equal(last, visible[:, -1:]) and torch.equal(last_pos, pos[:, -1:])
 
 
 def test_mask_and_rotary_in_the_compute_dtype_under_autocast(monkeypatch):
@@ -307,7 +327,7 @@ def test_mask_and_rotary_in_the_compute_dtype_under_autocast(monkeypatch):
     ids, mask = left_padded_batch(128, [7, 4])
     calls = record_sdpa(monkeypatch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(ids, attention_mask=mask)
+        padded(model, ids, mask)
     # the mask in bf16, and q stays bf16 after the rotary embedding (float32 cos/sin would promote it)
     assert [(m.dtype, q) for m, _, q in calls] == [(torch.bfloat16, torch.bfloat16)] * 2
 
@@ -325,8 +345,9 @@ def test_custom_mask_and_position_ids_equal_separate_rows():
         out = model(torch.cat((a, b))[None], attention_mask=allowed[None], position_ids=pos)
         torch.testing.assert_close(out[0, 5:], model(b[None])[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[0, :5], model(a[None])[0], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="KV cache"):
-        model(torch.cat((a, b))[None], attention_mask=allowed[None], kv_cache=KVCache(model.config, 1, 20))
+    for bad in (allowed[None].long(), torch.ones(1, 9, dtype=torch.bool), allowed[None, :8]):
+        with pytest.raises(ValueError, match=r"boolean \[B, 9, 9\] visibility mask"):
+            model(torch.cat((a, b))[None], attention_mask=bad)  # a padding mask, an int mask, a wrong shape
 
 
 @pytest.mark.parametrize("name", ["rotary0.25-head80", "sequential"])
@@ -351,3 +372,23 @@ def test_activation_checkpointing_gives_the_same_gradients(name):
             model(ids).sum()
         saved.append(sum(numel))
     assert saved[1] < 0.5 * saved[0]
+
+
+def test_bench_prints_the_ratio_table():
+    """bench/model.py on a small shape, one round: both rows of the table, with ratios, and the greedy
+    tokens of the two implementations identical (it checks parity as well as speed)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/model.py", "--model", "pythia-14m", "--rounds", "1", "--batch-size", "1",
+                        "--seq-len", "16", "--decode-batch", "2", "--prompt-len", "8", "--new-tokens", "3"],
+                       cwd=root, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if re.match(r"\| (forward\+backward|greedy decode)", line)]
+    assert len(rows) == 2 and all(re.search(r"\| \d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\) \| \d+\.\d\dx \| \d+\.\d\dx \|$", row)
+                                  for row in rows), r.stdout
+    assert "2 threads" in r.stdout and "load average" in r.stdout
+    assert "greedy tokens identical to transformers: True" in r.stdout

@@ -41,7 +41,8 @@ def test_pair_rewards_equal_score_and_a_by_hand_forward_in_float64(tok, shared, 
     """r of each response of a daa.pair_batch (prefix-shared or two rows) is what rm.score gives the same
     (prompt, response), and what the head reads off one unpadded forward at the response's last token."""
     model = small_rm()
-    batch = daa.pair_batch(tok, PAIRS, list(range(len(PAIRS))), "rm", max_length, "cpu", shared=shared)
+    batch = daa.pair_batch(training.tokenize(tok, PAIRS, ("chosen", "rejected"), max_length), list(range(len(PAIRS))),
+                           "rm", tok.eos_id, "cpu", prefix_sharing=shared)
     with torch.no_grad():
         chosen, rejected = rm.pair_rewards(model, batch)
     if max_length > 100:  # untruncated; else a pair's two responses share one prompt cut, and score cuts each alone

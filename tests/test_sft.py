@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,16 +19,16 @@ from model import GPTNeoX  # noqa: E402
 def test_loss_is_summed_response_nll_averaged_over_sequences():
     torch.manual_seed(0)
     model = GPTNeoX(TINY)
-    batch = training.collate([([5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), ([11, 12, 13], [-100, 12, 13])], 0, "cpu")
+    batch = training.collate([(np.array([5, 6]), np.array([7, 8, 9])), (np.array([11]), np.array([12, 13]))], 0)
     loss, stats = sft.sft_loss(model, batch)
-    logp = F.log_softmax(model(batch["input_ids"], batch["attention_mask"]), dim=-1)  # the naive way, full logits
+    logp = F.log_softmax(model(batch["input_ids"]), dim=-1)  # the naive way, full logits
     nll = [-sum(logp[b, t - 1, batch["input_ids"][b, t]] for t in ts) for b, ts in [(0, [2, 3, 4]), (1, [1, 2])]]
     assert stats["loss"].tolist() == pytest.approx([x.item() for x in nll], rel=1e-5)
     assert loss.item() == pytest.approx((nll[0] + nll[1]).item() / 2, rel=1e-5)
     assert stats["response_tokens"].tolist() == [3, 2]
 
 
-def test_random_init_run_learns_and_transformers_loads_its_checkpoints(tmp_path):
+def test_random_init_run_learns_and_transformers_loads_its_checkpoints(tmp_path, monkeypatch):
     model_dir, data = write_inputs(tmp_path, weights=False)  # config.json + tokenizer.json only
     assert training.load_model(model_dir, seed=7, device="cpu").state_dict().keys() == GPTNeoX(TINY).state_dict().keys()
     torch.manual_seed(7)
@@ -35,8 +36,11 @@ def test_random_init_run_learns_and_transformers_loads_its_checkpoints(tmp_path)
     assert all(torch.equal(v, init[k]) for k, v in training.load_model(model_dir, 7, "cpu").state_dict().items())
 
     out = tmp_path / "sft"
+    encoded, real_encode = [], training.encode
+    monkeypatch.setattr(training, "encode", lambda *a: encoded.append(1) or real_encode(*a))
     sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(out), *RUN, "--max-examples", "8",
               "--epochs", "3", "--checkpoints", "2", "--optimizer", "adamw", "--seed", "7"])
+    assert len(encoded) == 8 + 8  # 8 training and 8 validation examples, tokenised once, not once per epoch
     logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(logged) == 6 and logged[-1]["loss"] < logged[0]["loss"] - 1  # third pass over the same 8 examples
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-12", "ckpt-24", "latest", "metrics.jsonl"]

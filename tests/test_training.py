@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,6 +37,17 @@ def tldr_prompt(info):
     return f"SUBREDDIT: r/{info['subreddit']}\n\nTITLE: {info['title']}\n\nPOST: {info['post']}\n\nTL;DR:"
 
 
+def tldr_pairs():
+    """The fixture's 100 TL;DR comparisons as daa.py's (prompt, chosen, rejected) pairs."""
+    pairs = []
+    for line in open(FIXTURES / "tldr_comparisons_batch18_first100.jsonl", encoding="utf-8"):
+        c = json.loads(line)
+        texts = [s["text"] for s in c["summaries"]]
+        chosen, rejected = texts[c["choice"]], texts[1 - c["choice"]]
+        pairs.append({"prompt": tldr_prompt(c["info"]), "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
 def write_inputs(tmp, weights=True):
     """tmp/model (config.json, tokenizer.json[, model.safetensors]) and tmp/data (prepared JSONL)."""
     model_dir, data = tmp / "model", tmp / "data"
@@ -51,12 +63,7 @@ def write_inputs(tmp, weights=True):
         rows = [{"prompt": r["query"], "response": r["reference_responses"]} for r in csv.DictReader(f)]
     (data / "sft_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
     (data / "sft_valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[40:48]))
-    pairs = []
-    for line in open(FIXTURES / "tldr_comparisons_batch18_first100.jsonl", encoding="utf-8"):
-        c = json.loads(line)
-        texts = [s["text"] for s in c["summaries"]]
-        chosen, rejected = texts[c["choice"]], texts[1 - c["choice"]]
-        pairs.append({"prompt": tldr_prompt(c["info"]), "chosen": chosen, "rejected": rejected})
+    pairs = tldr_pairs()
     (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[:60]))
     (data / "pref_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs[60:]))
     return model_dir, data
@@ -113,10 +120,20 @@ def test_encode_pairs_share_the_prompt_cut(tok):
 
 
 def test_collate_pads_right_with_ignored_labels():
-    b = training.collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0, device="cpu")
+    b = training.collate([(np.array([5]), np.array([6, 7])), (np.array([], np.int32), np.array([8]))], pad_id=0)
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert "attention_mask" not in b and b["tokens"] == 4  # right padding: plain causal attention
+    # the scored tokens, found on the CPU: (row, position, sequence, target), position t predicting t + 1
+    assert b["scored"].tolist() == [[0, 0], [0, 1], [0, 0], [6, 7]]
+
+
+def test_tokenize_once_as_encode_cuts(tok):
+    rows = [{"prompt": "POST: " + "word " * 100 + "\nTL;DR:", "chosen": " short", "rejected": " a longer answer"}]
+    (p, c, r), = training.tokenize(tok, rows, ("chosen", "rejected"), 24)
+    (ids_c, labels_c), (ids_r, _) = training.encode(tok, rows[0]["prompt"], [" short", " a longer answer"], 24)
+    assert p.dtype == c.dtype == np.int32 and list(p) + list(c) == ids_c and list(p) + list(r) == ids_r
+    assert len(p) == labels_c.count(logprobs.IGNORE) and c[-1] == r[-1] == tok.eos_id
 
 
 def test_read_examples_names_file_and_line(tmp_path):
@@ -130,22 +147,51 @@ def test_read_examples_names_file_and_line(tmp_path):
     assert training.read_examples(p, ("prompt", "response"), limit=1) == [{"prompt": "a", "response": "b"}]
 
 
-def plan(world=1, rank=0, batch=8, micro=2, n=40, epochs=2, checkpoints=4):
+def plan(world=1, rank=0, batch=8, micro=2, n=40, epochs=2, checkpoints=4, lengths=None):
     args = argparse.Namespace(batch_size=batch, micro_batch_size=micro, epochs=epochs, checkpoints=checkpoints, seed=3)
-    return training.make_plan(args, SimpleNamespace(world=world, rank=rank), n)
+    return training.make_plan(args, SimpleNamespace(world=world, rank=rank), n, lengths)
 
 
 def test_shards_cover_the_global_batch_whatever_the_world_size():
     p1 = plan()
     assert (p1.accum, p1.steps_per_epoch, p1.total_steps, p1.checkpoint_steps) == (4, 5, 10, [2, 5, 8, 10])
     for step in range(p1.total_steps):
-        one = sum(training.micro_batch_indices(p1, step), [])
-        two = [sum(training.micro_batch_indices(plan(world=2, rank=r), step), []) for r in range(2)]
-        assert two[0] + two[1] == one and len(one) == 8
+        one = training.micro_batch_indices(p1, step)
+        two = [training.micro_batch_indices(plan(world=2, rank=r), step) for r in range(2)]
+        assert two[0] + two[1] == one[0::2] + one[1::2] and len(sum(one, [])) == 8  # the same micro-batches
     epoch0 = sum((sum(training.micro_batch_indices(p1, s), []) for s in range(5)), [])
     epoch1 = sum((sum(training.micro_batch_indices(p1, s), []) for s in range(5, 10)), [])
     assert sorted(epoch0) == sorted(epoch1) == list(range(40)) and epoch0 != epoch1  # reshuffled per epoch
     assert training.micro_batch_indices(plan(), 7) == training.micro_batch_indices(p1, 7)  # from (seed, epoch) only
+
+
+def test_length_bucketing_regroups_within_each_step_only():
+    """Sorted by length inside each step's global batch: the same examples form every step, each
+    micro-batch holds neighbouring lengths, the processes take the micro-batches in turn; and with
+    one micro-batch per step nothing changes, not even the order."""
+    lengths = np.random.default_rng(0).integers(10, 500, 40)
+    unsorted = plan()
+    for step in range(unsorted.total_steps):
+        one = training.micro_batch_indices(plan(lengths=lengths), step)
+        assert sorted(sum(one, [])) == sorted(sum(training.micro_batch_indices(unsorted, step), []))
+        assert list(lengths[sum(one, [])]) == sorted(lengths[sum(one, [])])  # micro-batch j: the j-th shortest
+        two = [training.micro_batch_indices(plan(world=2, rank=r, lengths=lengths), step) for r in range(2)]
+        assert two == [one[0::2], one[1::2]]  # at each accumulation step the processes hold neighbouring lengths
+        whole = dict(batch=8, micro=8)
+        assert training.micro_batch_indices(plan(lengths=lengths, **whole), step) == \
+            training.micro_batch_indices(plan(**whole), step)
+    assert one != training.micro_batch_indices(unsorted, unsorted.total_steps - 1)  # it did regroup
+
+
+def test_copies_to_cuda_are_pinned_and_non_blocking(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: calls.append("pin") or t)
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, device, **kw: calls.append((str(device), kw)) or t)
+    batch = training.to_device({"input_ids": torch.zeros(2, 3), "idx": [0, 1]}, "cuda")
+    assert calls == ["pin", ("cuda", {"non_blocking": True})] and batch["idx"] == [0, 1]
+    calls.clear()
+    training.move(torch.zeros(1), torch.device("cpu"))
+    assert calls == [("cpu", {})]  # no pinning off CUDA
 
 
 def test_batch_size_must_divide():
