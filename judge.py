@@ -261,7 +261,30 @@ def parse_request_json(text):
     return extra
 
 
-def main(argv=None):
+def judge_all(todo, work, threads, out, judged, stop):
+    """Judge `todo` on `threads` threads, appending each verdict to `out` as it arrives (a crash loses
+    nothing) and to `judged`. `stop`: the LLM judge's event, set on an interrupt."""
+    t0 = time.time()
+    with open(out, "a") as f, ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(work, row) for row in todo]
+        try:
+            for i, fut in enumerate(as_completed(futures), 1):
+                row = fut.result()
+                f.write(json.dumps(row) + "\n")
+                f.flush()  # append as they arrive: a crash loses nothing
+                judged[row["id"]] = row
+                if i % max(1, len(todo) // 20) == 0 or i == len(todo):
+                    rate = i / (time.time() - t0)
+                    print(f"judged {i}/{len(todo)} ({rate:.1f}/s, ETA {(len(todo) - i) / rate:.0f} s)", flush=True)
+        except BaseException:
+            if stop is not None:
+                stop.set()  # Ctrl-C, say: requests in flight give up at their next retry
+            for fut in futures:
+                fut.cancel()
+            raise
+
+
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", help="samples JSONL from sample.py (id, prompt, sample, reference)")
     p.add_argument("--out", default=None, help="judgments JSONL, appended to; if omitted, judgments-<ckpt>.jsonl beside samples-<ckpt>.jsonl")
@@ -285,6 +308,11 @@ def main(argv=None):
                    "request body; null drops a field, e.g. '{\"max_tokens\": null, \"max_completion_tokens\": 1024}' "
                    "for a reasoning model")
     p.add_argument("--gold-spec", default=str(cache_dir() / "data" / "tiny" / "gold.json"), help="the tiny task's gold.json (its important words)")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     if (args.judge == "gold") != (args.task == "tiny"):
         p.error("--judge gold goes with --task tiny, and --task tiny with --judge gold")
@@ -305,7 +333,7 @@ def main(argv=None):
 
     if args.judge == "gold":
         spec = task.read_spec(args.gold_spec, ("important",))  # the gold judge needs no labeller
-        work, threads = (lambda row: judge_gold(row, spec)), 1
+        work, threads, stop = (lambda row: judge_gold(row, spec)), 1, None
     else:
         key = os.environ.get(args.api_key_env)
         if not key and "api.openai.com" in args.base_url:
@@ -313,25 +341,7 @@ def main(argv=None):
         url, stop = args.base_url.rstrip("/") + "/chat/completions", threading.Event()
         work, threads = (lambda row: judge_llm(row, args, url, key, stop)), args.concurrency
 
-    t0 = time.time()
-    with open(out, "a") as f, ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(work, row) for row in todo]
-        try:
-            for i, fut in enumerate(as_completed(futures), 1):
-                row = fut.result()
-                f.write(json.dumps(row) + "\n")
-                f.flush()  # append as they arrive: a crash loses nothing
-                judged[row["id"]] = row
-                if i % max(1, len(todo) // 20) == 0 or i == len(todo):
-                    rate = i / (time.time() - t0)
-                    print(f"judged {i}/{len(todo)} ({rate:.1f}/s, ETA {(len(todo) - i) / rate:.0f} s)", flush=True)
-        except BaseException:
-            if args.judge == "llm":
-                stop.set()  # Ctrl-C, say: requests in flight give up at their next retry
-            for fut in futures:
-                fut.cancel()
-            raise
-
+    judge_all(todo, work, threads, out, judged, stop)
     if not judged:
         raise ValueError(f"{args.samples} holds no samples")
     s = summarize([judged[i] for i in samples if i in judged], samples)  # in file order: same floats on resume

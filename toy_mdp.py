@@ -228,7 +228,28 @@ def plot_grid(results, losses, betas, n_seeds, path):
     save_figure(fig, path)
 
 
-def main(argv=None):
+def report(results, runs, losses, betas, args):
+    """The per-cell, seed and grid plots (Figs. 7, 9–18) and the table of final OOD mass."""
+    for loss in losses:
+        for beta in betas:
+            plot_cell(results[loss, beta, 0], loss, beta, 0, os.path.join(args.out, f"{loss}_beta{beta}.png"))
+    if "dpo" in losses:
+        for beta in betas:
+            plot_seeds([results["dpo", beta, s] for s in range(args.seeds)], "dpo", beta,
+                       os.path.join(args.out, f"fig18_dpo_beta{beta}_seeds.png"))
+    plot_grid(results, losses, betas, args.seeds, os.path.join(args.out, "grid.png"))
+
+    print("\nfinal OOD mass, mean over seeds (min-max)")
+    print("loss  " + "".join(f"{'beta=' + str(b):>20}" for b in betas))
+    for loss in losses:
+        cells = []
+        for beta in betas:
+            v = [r["final_ood_mass"] for r in runs if r["loss"] == loss and r["beta"] == beta]
+            cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f})")
+        print(f"{loss:<6}" + "".join(f"{c:>20}" for c in cells))
+
+
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output directory for plots and summary.json")
@@ -241,7 +262,11 @@ def main(argv=None):
     p.add_argument("--losses", default="dpo,ipo,slic", help="comma-separated DAA losses (daa.LOSSES; default: the "
                    "paper's three, App. E)")
     p.add_argument("--betas", default=",".join(map(str, BETAS)), help="comma-separated betas")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     losses = args.losses.split(",")
     try:
         betas = [float(b) for b in args.betas.split(",")]
@@ -286,23 +311,7 @@ def main(argv=None):
                       f"(max {r['max_ood_mass']:.3f}), chosen {r['final_pref_probs']['chosen']:.3f} "
                       f"| run {done}/{n_runs}, {rate:.1f} s/run, ETA {rate * (n_runs - done):.0f} s")
 
-    for loss in losses:
-        for beta in betas:
-            plot_cell(results[loss, beta, 0], loss, beta, 0, os.path.join(args.out, f"{loss}_beta{beta}.png"))
-    if "dpo" in losses:
-        for beta in betas:
-            plot_seeds([results["dpo", beta, s] for s in range(args.seeds)], "dpo", beta,
-                       os.path.join(args.out, f"fig18_dpo_beta{beta}_seeds.png"))
-    plot_grid(results, losses, betas, args.seeds, os.path.join(args.out, "grid.png"))
-
-    print("\nfinal OOD mass, mean over seeds (min-max)")
-    print("loss  " + "".join(f"{'beta=' + str(b):>20}" for b in betas))
-    for loss in losses:
-        cells = []
-        for beta in betas:
-            v = [r["final_ood_mass"] for r in runs if r["loss"] == loss and r["beta"] == beta]
-            cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f})")
-        print(f"{loss:<6}" + "".join(f"{c:>20}" for c in cells))
+    report(results, runs, losses, betas, args)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "losses", "betas")}
     config.update(losses=losses, betas=betas, optimizer="Adam, full batch", policy="GRU",
                   demonstrations=DEMOS, chosen=CHOSEN, rejected=REJECTED)
