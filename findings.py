@@ -249,6 +249,8 @@ def hump_stats(S, pts, x="kl", model=None):
 
 def drop_in_se(S, a, b):
     """(win(a) − win(b)) over its paired standard error: a and b share each seed's prompts."""
+    if a["key"] == b["key"]:  # the peak is the highest-KL point: it has not fallen at all
+        return 0.0
     seeds = [s for s in S["table"] if a["key"] in S["table"][s] and b["key"] in S["table"][s]]
     diff, se = seed_se([S["table"][s][a["key"]]["win"] - S["table"][s][b["key"]]["win"] for s in seeds])
     return diff / se if se > 0 else math.nan
