@@ -417,7 +417,9 @@ def train_step(model, optimizer, batches, loss_fn, env, args, step):
         raise FloatingPointError(f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at step "
                                  f"{step + 1}: stopped; {kept} (try a lower --lr, or check the data)")
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP zeroed in place: .grad stays a view into the all-reduce buckets (wrap); set to None,
+    # each no-sync micro-step of the next step would allocate fresh gradients beside them.
+    optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
     return out
 
 
