@@ -568,6 +568,20 @@ def test_fsdp_gathers_bf16_weights_and_reshards_the_reference(tmp_path):
     assert r.returncode == 0 and r.stdout.count("fsdp ok") == 2, r.stdout + r.stderr
 
 
+def test_fsdp_precomputed_reference_has_the_policys_bf16_numerics(tmp_path):
+    """--fsdp --precompute-ref under bf16: the reference, run whole on each process, sees the bf16
+    weights the policy's FSDP policy gathers, so the policy starts at h = 0 (it equals the reference)."""
+    from test_training import torchrun
+    model_dir, data = write_inputs(tmp_path)
+    p = torchrun("daa.py", ["--init", str(model_dir), "--data", str(data), *RUN, "--max-examples", "4",
+                            "--checkpoints", "1", "--eval-examples", "0", "--fsdp", "--precompute-ref",
+                            "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "run")])
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["rewards/chosen"] == first["rewards/rejected"] == 0, first
+
+
 def test_precomputed_reference_is_freed_before_training(inputs, monkeypatch):
     """--precompute-ref: once the table is built nothing holds the reference model (under --fsdp it is
     never wrapped, as an FSDP module that has run a forward outlives `del`)."""
