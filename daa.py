@@ -562,6 +562,7 @@ def main(argv=None):
             if starts:  # fit.py's online_round: the round this checkpoint ends (or lies in)
                 extra["online.json"] = {"round": r, "rounds": args.online, "pairs": f"online-round{r}.jsonl"}
             training.save_checkpoint(args, env, plan, step + 1, policy, optimizer, tok.enc.name, extra)
+        training.save_if_due(args, env, plan, step + 1, policy, optimizer, tok.enc.name, clock)
     training.finish(env)
 
 
