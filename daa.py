@@ -519,6 +519,8 @@ def main(argv=None):
     # no collective), so dropping it frees it: an FSDP module that has run a forward outlives `del`.
     ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
                         env, args.fsdp and not args.precompute_ref, compile=args.compile)
+    if args.fsdp and args.precompute_ref and env.dtype == "bfloat16":
+        ref.to(torch.bfloat16)  # the numerics of the policy, whose FSDP policy gathers bf16 weights: h = 0 at step 0
 
     def batch(idx, split):
         return pair_batch(pairs if split == "train" else eval_pairs, idx, split, tok.eos_id, env.device,
@@ -560,6 +562,7 @@ def main(argv=None):
             if starts:  # fit.py's online_round: the round this checkpoint ends (or lies in)
                 extra["online.json"] = {"round": r, "rounds": args.online, "pairs": f"online-round{r}.jsonl"}
             training.save_checkpoint(args, env, plan, step + 1, policy, optimizer, tok.enc.name, extra)
+        training.save_if_due(args, env, plan, step + 1, policy, optimizer, tok.enc.name, clock)
     training.finish(env)
 
 

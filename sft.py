@@ -89,6 +89,7 @@ def main(argv=None):
                 training.say(env, " | ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                 extra["eval.json"] = ev
             training.save_checkpoint(args, env, plan, step + 1, model, optimizer, tok.enc.name, extra)
+        training.save_if_due(args, env, plan, step + 1, model, optimizer, tok.enc.name, clock)
     training.finish(env)
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -43,7 +44,8 @@ from logprobs import IGNORE, scored_tokens
 from model import Config, GPTNeoX, unreadable
 
 FLAGS_THAT_MAY_CHANGE_ON_RESUME = {"out", "micro_batch_size", "log_interval", "device",  # the math stays the same
-                                   "activation_checkpointing", "dist_timeout", "compile", "attention"}
+                                   "activation_checkpointing", "dist_timeout", "compile", "attention",
+                                   "save_minutes"}
 
 
 def add_args(parser, checkpoints):
@@ -90,6 +92,9 @@ def add_args(parser, checkpoints):
     p.add_argument("--dist-timeout", type=float, default=180, help="minutes a process waits in a collective "
                    "before the run is aborted; generous, as the other processes wait while rank 0 writes a "
                    "checkpoint (tens of GB at 6.9B; NCCL's own default is 10) (default %(default)s)")
+    p.add_argument("--save-minutes", type=float, default=None, help="also save a resume state (OUT/resume/, "
+                   "replacing the last; not an evaluation checkpoint) every M minutes, at a step boundary; one is "
+                   "saved on SIGTERM in any case (default: none)")
     p.add_argument("--log-interval", type=int, default=10, help="print a progress line every N steps (rank 0; "
                    "default %(default)s); metrics.jsonl gets every step")
     return p
@@ -127,7 +132,22 @@ def setup(args):
     # model's forward runs inside the policy's loss function).
     env.autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if env.dtype == "bfloat16" \
         else nullcontext
+    catch_sigterm()
     return env
+
+
+_sigterm = []  # non-empty once this process got SIGTERM (catch_sigterm)
+
+
+def catch_sigterm():
+    """SIGTERM, what Slurm and Kubernetes send before they preempt (and torchrun forwards), no longer
+    kills the run mid-step: save_if_due saves a resume state at the next step boundary and exits.
+    A second SIGTERM kills at once, as before."""
+    def handler(signum, frame):
+        _sigterm.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _sigterm.clear()
+    signal.signal(signal.SIGTERM, handler)
 
 
 def finish(env):
@@ -417,7 +437,9 @@ def train_step(model, optimizer, batches, loss_fn, env, args, step):
         raise FloatingPointError(f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at step "
                                  f"{step + 1}: stopped; {kept} (try a lower --lr, or check the data)")
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP zeroed in place: .grad stays a view into the all-reduce buckets (wrap); set to None,
+    # each no-sync micro-step of the next step would allocate fresh gradients beside them.
+    optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
     return out
 
 
@@ -446,11 +468,13 @@ def prepare_out(args, env):
             raise ValueError(f"{out} holds a run started with other flags ({'; '.join(changed)}): "
                              f"use a new --out, or the original flags to resume it")
     state = None
-    if latest.exists():
-        state = json.loads((latest / "trainer_state.json").read_text())
-        state["dir"] = str(latest.resolve())
+    for d in (latest, out / RESUME):  # the resume state when it is the newer (save_if_due)
+        if (d / "trainer_state.json").exists():
+            s = json.loads((d / "trainer_state.json").read_text())
+            if state is None or s["step"] > state["step"]:
+                state = dict(s, dir=str(d.resolve()))
     if env.main:
-        for stale in out.glob(".ckpt-*.tmp-*"):  # a checkpoint half-written by a killed run (files.atomic_dir)
+        for stale in [*out.glob(".ckpt-*.tmp-*"), *out.glob(f".{RESUME}.*-*")]:  # half-written by a killed run
             shutil.rmtree(stale)
         if not args_file.exists():
             files.write_json(args_file, flags)
@@ -487,10 +511,57 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
     """Write out/ckpt-<examples>/ completely under a temporary name, rename it, then point `latest` at it.
 
     A kill at any moment leaves `latest` naming a complete checkpoint. Collective: every
-    process calls it (FSDP gathers full tensors; each process's RNG state is recorded).
-    `extra` maps file names to JSON objects written alongside (daa.py's eval.json). Weights the
-    module has beyond GPT-NeoX's (rm.py's reward head) go to head.safetensors.
+    process calls it. `extra` maps file names to JSON objects written alongside (daa.py's eval.json).
+    A resume state it supersedes is removed.
     """
+    name = f"ckpt-{step * plan.batch_size}"
+    save_state(args, env, plan, step, model, optimizer, tokenizer_file, name, extra)
+    if env.main:
+        out = Path(args.out)
+        link = out / "latest.tmp"
+        link.unlink(missing_ok=True)
+        link.symlink_to(name)
+        os.replace(link, out / "latest")  # atomic: `latest` always names a complete checkpoint
+        for old in out.glob("ckpt-*/optimizer.safetensors"):  # resume needs only the newest's
+            if old.parent.name != name:
+                old.unlink()
+        shutil.rmtree(out / RESUME, ignore_errors=True)
+        say(env, f"saved {out / name}")
+    barrier(env)
+
+
+RESUME = "resume"  # out/resume/: the resume-only state of save_if_due
+
+
+def save_if_due(args, env, plan, step, model, optimizer, tokenizer_file, clock):
+    """At the boundary after `step`: when any process got SIGTERM, or --save-minutes have passed since
+    the last save, write the resume-only state out/resume/ (a checkpoint's files, replacing the last;
+    no evaluation, and `latest` does not move: fit.py never sees it), and after SIGTERM exit with
+    143. The processes decide together (one all-reduce of two flags), so all stop at the same step.
+    A step that just wrote a checkpoint saves nothing more; the last step always does."""
+    if step == plan.total_steps:
+        return
+    due = torch.tensor([float(bool(_sigterm)), float(args.save_minutes is not None
+                                                     and time.time() - clock["saved"] >= 60 * args.save_minutes)],
+                       device=env.device)
+    if env.world > 1:
+        dist.all_reduce(due, op=dist.ReduceOp.MAX)
+    term, periodic = due.tolist()
+    if (term or periodic) and step not in plan.checkpoint_steps:
+        save_state(args, env, plan, step, model, optimizer, tokenizer_file, RESUME)
+        say(env, f"saved the resume state {Path(args.out) / RESUME} (step {step}/{plan.total_steps})")
+    clock["saved"] = time.time() if term or periodic else clock["saved"]
+    if term:
+        say(env, "SIGTERM: stopped; the same command continues from here")
+        finish(env)
+        raise SystemExit(143)  # 128 + SIGTERM, as if the signal had killed it
+
+
+def save_state(args, env, plan, step, model, optimizer, tokenizer_file, name, extra=None):
+    """out/<name>/ atomically: config.json and model.safetensors (the HF GPT-NeoX layout), weights the
+    module has beyond GPT-NeoX's (rm.py's reward head) in head.safetensors, tokenizer.json,
+    optimizer.safetensors, trainer_state.json (step, each process's RNG state) and `extra`.
+    Collective: FSDP gathers full tensors; each process's RNG state is recorded."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=full)
     optim = get_optimizer_state_dict(model, optimizer, options=full)
@@ -501,10 +572,7 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
         rngs = [None] * env.world
         dist.all_gather_object(rngs, rng)
     if env.main:
-        out = Path(args.out)
-        name = f"ckpt-{step * plan.batch_size}"
-        final = out / name
-        with files.atomic_dir(final) as tmp:  # replaces one left by a run killed before `latest` moved
+        with files.atomic_dir(Path(args.out) / name) as tmp:  # replaces one left by a run killed before `latest` moved
             with torch.device("meta"):
                 cpu_model = GPTNeoX(unwrap(model).config)
             plain = cpu_model.state_dict().keys()
@@ -520,15 +588,6 @@ def save_checkpoint(args, env, plan, step, model, optimizer, tokenizer_file, ext
                      "world_size": env.world, "rng": rngs}
             for fname, obj in {"trainer_state.json": state, **(extra or {})}.items():
                 files.write_json(tmp / fname, obj)
-        link = out / "latest.tmp"
-        link.unlink(missing_ok=True)
-        link.symlink_to(name)
-        os.replace(link, out / "latest")  # atomic: `latest` always names a complete checkpoint
-        for old in out.glob("ckpt-*/optimizer.safetensors"):  # resume needs only the newest's
-            if old.parent.name != name:
-                old.unlink()
-        say(env, f"saved {final}")
-    barrier(env)
 
 
 def save_optimizer(optim_state, path):
@@ -604,4 +663,4 @@ def eta(t0, done, total):
 
 def start_clock(step):
     now = time.time()
-    return {"start": now, "last": now, "start_step": step, "tokens": 0}
+    return {"start": now, "last": now, "start_step": step, "tokens": 0, "saved": now}

@@ -209,6 +209,53 @@ def test_kill_after_first_checkpoint_then_resume_is_exact(inputs, capsys):
     assert "run already finished" in capsys.readouterr().out
 
 
+def test_sigterm_saves_a_resume_state_and_the_same_command_continues_exactly(inputs, capsys):
+    """SIGTERM in step 2 of 3 (one checkpoint, at the end): the step finishes, OUT/resume/ is written,
+    the run exits 143 with `latest` unmoved; the same command continues to the uninterrupted weights."""
+    tmp, args = inputs
+    args, out = [*args, "--checkpoints", "1"], tmp / "sigterm"
+    term = ("import os, signal, sys, daa, training\n"
+            "step = training.train_step\n"
+            "def term_in_step_2(*a):\n"
+            "    if a[-1] == 1:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return step(*a)\n"
+            "training.train_step = term_in_step_2\n"
+            "daa.main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-c", term, *args, "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    assert r.returncode == 143 and "saved the resume state" in r.stdout, r.stdout + r.stderr
+    assert json.loads((out / "resume" / "trainer_state.json").read_text())["step"] == 2
+    assert not (out / "latest").exists() and not list(out.glob("ckpt-*"))  # not an evaluation checkpoint
+    daa.main([*args, "--out", str(out)])
+    assert f"resuming from {(out / 'resume').resolve()} (step 2/3)" in capsys.readouterr().out
+    assert max_diff(weights(out), weights(tmp / "reference")) == 0  # bit-equal: same threads, fp32
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "ckpt-12", "latest", "metrics.jsonl"]
+
+
+def test_save_minutes_resume_state_replaces_the_last_and_resumes_exactly(inputs, monkeypatch, capsys):
+    """--save-minutes (here: every step) keeps one resume state, the newest; a run killed in step 3
+    continues from step 2's to the uninterrupted weights."""
+    tmp, args = inputs
+    args, out = [*args, "--checkpoints", "1", "--save-minutes", "1e-9"], tmp / "periodic"
+    real_step, saved = training.train_step, []
+
+    def die_in_step_3(*a):
+        saved.append(json.loads((out / "resume" / "trainer_state.json").read_text())["step"] if a[-1] else 0)
+        if a[-1] == 2:
+            raise KeyboardInterrupt
+        return real_step(*a)
+    monkeypatch.setattr(training, "train_step", die_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        daa.main([*args, "--out", str(out)])
+    files.release(out)  # as the OS would for a killed process
+    monkeypatch.undo()
+    assert saved == [0, 1, 2] and sorted(p.name for p in out.iterdir()) == ["args.json", "metrics.jsonl", "resume"]
+    daa.main([*args, "--out", str(out)])
+    assert f"resuming from {(out / 'resume').resolve()} (step 2/3)" in capsys.readouterr().out
+    assert max_diff(weights(out), weights(tmp / "reference")) == 0
+
+
 def test_precomputed_reference_equals_live_reference(inputs):
     tmp, args = inputs
     daa.main([*args, "--precompute-ref", "--out", str(tmp / "precomputed")])
@@ -566,6 +613,20 @@ def test_fsdp_gathers_bf16_weights_and_reshards_the_reference(tmp_path):
                         str(script), str(ROOT)], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0 and r.stdout.count("fsdp ok") == 2, r.stdout + r.stderr
+
+
+def test_fsdp_precomputed_reference_has_the_policys_bf16_numerics(tmp_path):
+    """--fsdp --precompute-ref under bf16: the reference, run whole on each process, sees the bf16
+    weights the policy's FSDP policy gathers, so the policy starts at h = 0 (it equals the reference)."""
+    from test_training import torchrun
+    model_dir, data = write_inputs(tmp_path)
+    p = torchrun("daa.py", ["--init", str(model_dir), "--data", str(data), *RUN, "--max-examples", "4",
+                            "--checkpoints", "1", "--eval-examples", "0", "--fsdp", "--precompute-ref",
+                            "--dtype", "bfloat16", "--device", "cpu", "--out", str(tmp_path / "run")])
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["rewards/chosen"] == first["rewards/rejected"] == 0, first
 
 
 def test_precomputed_reference_is_freed_before_training(inputs, monkeypatch):
