@@ -28,6 +28,7 @@ prompts and random draws.
     torchrun --nproc_per_node 8 sample.py --ckpt ... --ref ... --num-prompts 256   # sharded, one file
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -143,13 +144,16 @@ def support_logps(hidden, weight, labels, allowed):
 
 
 @torch.no_grad()
-def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator, allowed=None):
+def sample_batch(policy, ref, prompts, budgets, eos_id, args, generator, allowed=None, sampler=None):
     """Sample one continuation per prompt (draw) and score it; returns one dict of statistics per prompt.
+
+    `sampler` (--sample-dtype bfloat16): a low-precision copy of the policy that draws the samples;
+    `policy` and `ref` (float32 weights) score them, since bf16 scoring biases the KL (issue 24.7).
 
     With `allowed` (--in-support) the policy's log-prob and indicators are those of the
     renormalised distribution it sampled from, so the KL is that distribution's to π_ref.
     """
-    full, full_mask, labels, samples = draw(policy, prompts, budgets, eos_id, args, generator, allowed)
+    full, full_mask, labels, samples = draw(sampler or policy, prompts, budgets, eos_id, args, generator, allowed)
     visible, pos = left_padding(full_mask)  # one mask for both models
     policy_logp, hidden = sequence_logps(policy, full, labels, visible, return_hidden=True,
                                          position_ids=pos)  # temperature 1
@@ -274,9 +278,10 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, per rank")
     p.add_argument("--seed", type=int, default=0, help="picks the prompts (alone) and seeds sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--sample-dtype", choices=list(DTYPES), default=None, help="the models' weights dtype; log-probs "
-                   "are float32 either way (default: bfloat16 on cuda, which holds 6.9B policy and reference on one "
-                   "80 GB GPU; float32 on cpu). Not training's --dtype, which is an autocast dtype")
+    p.add_argument("--sample-dtype", choices=list(DTYPES), default=None, help="the weights dtype of the policy copy "
+                   "that generates (default: bfloat16 on cuda, float32 on cpu); the log-probs that KL uses are always "
+                   "scored with float32 weights (6.9B: fp32 policy and reference plus a bf16 copy, 69 GB). Not "
+                   "training's --dtype, which is an autocast dtype")
     p.add_argument("--train-data", default=None, help="the prepared data directory the policy was trained on: "
                    "adds ood_token_rate, the share of sampled tokens never seen in a training response")
     p.add_argument("--gold-spec", default=None, help="the miniature's gold.json: adds each sample's gold reward, "
@@ -314,23 +319,25 @@ def main(argv=None):
         raise ValueError(f"{args.prompts}: ids are not unique (judge.py and fit.py match rows by id)")
     chosen = select_prompts(all_rows, args.n, args.seed)
     dtype = DTYPES[args.sample_dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=dtype, device=device)
+    ref = GPTNeoX.from_pretrained(str(training.model_dir(args.ref)), dtype=torch.float32, device=device)
     encoded, budgets = encode_prompts(tok, chosen, args, ref.config.max_position_embeddings)
     seen_ids = response_token_ids(args.train_data, tok) if args.train_data else None
     gold_spec = task.read_spec(args.gold_spec) if args.gold_spec else None
     diagnose = lambda row: add_diagnostics(row, seen_ids, gold_spec)
     allowed = torch.tensor(sorted(seen_ids), device=device) if args.in_support else None
     for ckpt, out in zip(ckpts, outs):
-        policy = GPTNeoX.from_pretrained(ckpt, dtype=dtype, device=device)
-        sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env, ckpt, diagnose, allowed)
+        policy = GPTNeoX.from_pretrained(ckpt, dtype=torch.float32, device=device)
+        sampler = copy.deepcopy(policy).to(dtype) if dtype != torch.float32 else None
+        sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env, ckpt, diagnose, allowed, sampler)
         files.release(f"{out}.lock")
-        del policy  # before the next loads: two models on the device at a time, never three
+        del policy, sampler  # before the next loads: one policy (and its copy) beside the reference, never two
     training.finish(env)
 
 
-def sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env, ckpt, diagnose, allowed=None):
+def sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env, ckpt, diagnose, allowed=None,
+                      sampler=None):
     """Sample this rank's share of the prompts, gather on rank 0, write the rows and their summary.
-    `allowed`: --in-support's token ids (sample_batch)."""
+    `allowed`: --in-support's token ids; `sampler`: the generating copy (sample_batch)."""
     rank, world = env.rank, env.world
     # This rank's share, longest prompts first so a batch holds prompts of similar length (less padding).
     mine = sorted(range(rank, len(chosen), world), key=lambda i: -len(encoded[i]))
@@ -340,7 +347,8 @@ def sample_checkpoint(policy, ref, tok, chosen, encoded, budgets, out, args, env
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     for b, batch in enumerate(batches, 1):
         prompts = [encoded[i] for i in batch]
-        drawn = sample_batch(policy, ref, prompts, [budgets[i] for i in batch], tok.eos_id, args, generator, allowed)
+        drawn = sample_batch(policy, ref, prompts, [budgets[i] for i in batch], tok.eos_id, args, generator, allowed,
+                             sampler)
         for i, stats in zip(batch, drawn):
             r = chosen[i]
             rows.append(diagnose({"id": r["id"], "prompt": r["prompt"], "prompt_tokens": len(encoded[i]),

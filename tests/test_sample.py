@@ -307,6 +307,21 @@ def test_bfloat16_weights_keep_the_kl_within_a_hundredth_of_a_nat_per_token(env)
     assert sample.sequence_logps(bf16[0], torch.tensor([prompts[0]]), torch.tensor([prompts[0]])).dtype == torch.float32
 
 
+def test_bfloat16_sampling_is_scored_with_float32_weights(env, tmp_path):
+    """--sample-dtype bfloat16 (CUDA's default): a bf16 copy draws the samples, but the log-probs that KL
+    uses are the float32 models' (issue 24.7), not the bf16 copy's, which differ by more than the bound."""
+    rows, _ = run(env, tmp_path / "s.jsonl", "--sample-dtype", "bfloat16")
+    tok = load_tokenizer(env / "sft")
+    policy = GPTNeoX.from_pretrained(env / "run/ckpt-100")
+    half, gaps = GPTNeoX.from_pretrained(env / "run/ckpt-100").to(torch.bfloat16), []
+    for r in rows:
+        prompt = sample.encode_prompt(tok, dict(r), 512, 256)
+        fp32 = fresh_scores(policy, prompt, r["sample_tokens"])[0]
+        assert r["policy_logp"] == pytest.approx(fp32, abs=1e-3)
+        gaps.append(abs(fresh_scores(half, prompt, r["sample_tokens"])[0] - fp32))
+    assert max(gaps) > 5e-3  # bf16 scoring would move a sample beyond the bound above (measured: 0.031)
+
+
 def test_one_policy_at_a_time_and_float32_on_cpu(env, tmp_path, monkeypatch):
     """Several --ckpt: the previous policy is freed before the next loads (at 6.9B, three models do
     not fit one GPU); on CPU the weights default to float32 (bfloat16 on CUDA)."""
