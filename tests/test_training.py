@@ -77,10 +77,11 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def torchrun(script, args, nproc=2):
-    """Start `torchrun --standalone --nproc_per_node N script args` (gloo on CPU); returns the Popen."""
+def torchrun(script, args, nproc=2, launcher=("--standalone",)):
+    """Start `torchrun --standalone --nproc_per_node N script args` (gloo on CPU), or with the
+    `launcher` flags instead of --standalone; returns the Popen."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
            str(ROOT / script), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -366,3 +367,31 @@ def test_ddp_accumulation_keeps_gradients_in_the_buckets(tmp_path):
                         str(script), str(ROOT)], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0 and r.stdout.count("buckets ok") == 2, r.stdout + r.stderr
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_agents_equal_one_process(tmp_path):
+    """Two torchrun node agents on 127.0.0.1 (--nnodes 2, c10d rendezvous), one process each, give one
+    process's weights (up to float sums over 2 processes against 1: the tolerance of the DDP test)."""
+    import daa
+    model_dir, data = write_inputs(tmp_path)
+    common = ["--init", str(model_dir), "--data", str(data), *RUN, "--max-examples", "8", "--checkpoints", "1",
+              "--eval-examples", "0"]
+    rdzv = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+            "--rdzv-id", "two-nodes"]
+    nodes = [torchrun("daa.py", [*common, "--out", str(tmp_path / "nodes")], nproc=1, launcher=rdzv)
+             for _ in range(2)]
+    daa.main([*common, "--out", str(tmp_path / "one")])
+    outs = [p.communicate(timeout=120)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs
+    assert any("2 per forward × 1 accumulation × 2 processes" in out for out in outs)
+    one = weights(tmp_path / "one")
+    update = max_diff(one, load_file(model_dir / "model.safetensors"))
+    assert update > 1e-4 and max_diff(weights(tmp_path / "nodes"), one) <= 0.01 * update
+
