@@ -486,8 +486,7 @@ def draw_round(args, env, tok, policy, pairs, idx, r, path):
                           f"({same:.1%} identical, mean P(chosen) {np.mean([x['p_chosen'] for x in out]):.3f})")
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def check_args(args):
     if args.beta <= 0:
         raise ValueError(f"--beta must be positive, got {args.beta}")
     if args.online and not args.gold_spec:
@@ -495,6 +494,25 @@ def main(argv=None):
     if args.online and (args.precompute_ref or args.fsdp):
         raise ValueError("--online draws new pairs every round, with each process's whole policy: it works "
                          "without --precompute-ref and --fsdp")
+
+
+def load_models(args, env, state):
+    """(policy, reference), loaded and wrapped one at a time: with --fsdp each is whole on the device
+    only until it is sharded."""
+    policy = training.wrap(training.load_model(state["dir"] if state else args.init, args.seed, env.device),
+                           env, args.fsdp, args.activation_checkpointing, args.compile)
+    # A reference used only for the precomputing pass stays unwrapped (each process runs it whole, with
+    # no collective), so dropping it frees it: an FSDP module that has run a forward outlives `del`.
+    ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
+                        env, args.fsdp and not args.precompute_ref, compile=args.compile)
+    if args.fsdp and args.precompute_ref and env.dtype == "bfloat16":
+        ref.to(torch.bfloat16)  # the numerics of the policy, whose FSDP policy gathers bf16 weights: h = 0 at step 0
+    return policy, ref
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    check_args(args)
     env = training.setup(args)
     if args.attention == "flex" and env.device.type != "cuda":
         raise ValueError("--attention flex needs --device cuda: torch's flex_attention has no backward on the CPU")
@@ -512,15 +530,7 @@ def main(argv=None):
         return training.finish(env)
     start = state["step"] if state else 0
 
-    # Load and wrap one model at a time: with --fsdp each is whole on the device only until it is sharded.
-    policy = training.wrap(training.load_model(state["dir"] if state else args.init, args.seed, env.device),
-                           env, args.fsdp, args.activation_checkpointing, args.compile)
-    # A reference used only for the precomputing pass stays unwrapped (each process runs it whole, with
-    # no collective), so dropping it frees it: an FSDP module that has run a forward outlives `del`.
-    ref = training.wrap(training.freeze(training.load_model(args.ref or args.init, args.seed, env.device)),
-                        env, args.fsdp and not args.precompute_ref, compile=args.compile)
-    if args.fsdp and args.precompute_ref and env.dtype == "bfloat16":
-        ref.to(torch.bfloat16)  # the numerics of the policy, whose FSDP policy gathers bf16 weights: h = 0 at step 0
+    policy, ref = load_models(args, env, state)
 
     def batch(idx, split):
         return pair_batch(pairs if split == "train" else eval_pairs, idx, split, tok.eos_id, env.device,

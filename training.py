@@ -550,7 +550,8 @@ def save_if_due(args, env, plan, step, model, optimizer, tokenizer_file, clock):
     if (term or periodic) and step not in plan.checkpoint_steps:
         save_state(args, env, plan, step, model, optimizer, tokenizer_file, RESUME)
         say(env, f"saved the resume state {Path(args.out) / RESUME} (step {step}/{plan.total_steps})")
-    clock["saved"] = time.time() if term or periodic else clock["saved"]
+    if term or periodic:
+        clock["saved"] = time.time()
     if term:
         say(env, "SIGTERM: stopped; the same command continues from here")
         finish(env)

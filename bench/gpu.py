@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,7 +287,7 @@ def main():
         files.write_json(args.out, report, indent=2)
         print(section, json.dumps(report[section]), flush=True)
     if not report["resume"].get("keep_tmp"):  # never delete a directory a live process may still write
-        subprocess.run(["rm", "-rf", str(tmp)], timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.out} in {time.time() - t0:.0f} s")
 
 
